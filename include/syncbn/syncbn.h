@@ -1,0 +1,241 @@
+/*
+ * syncbn: synchronized batch normalization across processes.
+ *
+ * The C API. Opaque handles, a status code from every call, outputs through trailing pointers,
+ * the stream (or NULL) last. Backend constructors live in their own headers
+ * (syncbn/syncbn_mpi.h), so a CPU-only, single-process user never includes mpi.h.
+ *
+ * What one training step computes (Ioffe & Szegedy 2015, Algorithm 1, with the mini-batch taken
+ * over every rank of the group; the full contract is in DESIGN.md section 1):
+ *   per channel c, over the m = sum_r N_r * S_r values of all ranks r of the group:
+ *     mean_c   = (1/m) sum x
+ *     var_c    = (1/m) sum x^2 - mean_c^2          (biased; used for normalizing)
+ *     invstd_c = 1 / sqrt(var_c + eps)
+ *     y        = (x - mean_c) * invstd_c * weight_c + bias_c
+ *     running_mean = (1 - a) running_mean + a mean_c
+ *     running_var  = (1 - a) running_var  + a var_c m / (m - 1)   (unbiased, global m)
+ *   with a = momentum, or 1 / num_batches_tracked when momentum is SYNCBN_MOMENTUM_CUMULATIVE.
+ * Local sums are accumulated in fp64 and ONE allreduce(SUM) of an fp64 buffer of 2C + 1 + 11
+ * values combines them, whatever the number of ranks. Backward likewise makes one allreduce of
+ * [sum dy | sum dy (x - mean) | m | guards].
+ *
+ * Shapes and layouts. A tensor is described by ndim (2 to 5) and shape[ndim], dense and
+ * contiguous in the plan's layout:
+ *   SYNCBN_CHANNELS_FIRST: (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)   (NCHW)
+ *   SYNCBN_CHANNELS_LAST:  (N, C), (N, L, C), (N, H, W, C), (N, D, H, W, C)   (NHWC)
+ * C must equal the plan's num_features on every rank. N and the spatial sizes may differ between
+ * ranks, and N may be 0 (the rank then contributes zeros but still takes part in the collective).
+ * Data pointers (x, y, dy, dx) may be NULL only where the local tensor is empty.
+ *
+ * Dtypes. Data is SYNCBN_FLOAT32 or SYNCBN_FLOAT64 (fp16/bf16 are reserved for the GPU path).
+ * Parameters (weight, bias, their gradients) and statistics (running_mean, running_var,
+ * save_mean, save_invstd) are arrays of C values of the "parameter type": float for FLOAT32,
+ * FLOAT16 and BFLOAT16 data, double for FLOAT64 data.
+ *
+ * Collectives and failure. Calls marked COLLECTIVE must be made by every rank of the plan's
+ * group, in the same order. A rank that rejects its own arguments still enters the collective
+ * with a failure flag instead of data, so every rank of the group returns the same status and a
+ * message naming the rank and the argument ("rank 2: weight is null") instead of waiting
+ * forever (DESIGN.md section 2). A failed call changes no running statistic and no
+ * num_batches_tracked, on any rank. Call fingerprints (plan, operation, sequence number) travel
+ * with every allreduce, so a rank that skipped a call or called another layer makes every rank
+ * fail with SYNCBN_ERROR_CALL_MISMATCH. The exception is a NULL plan handle: that rank has no
+ * group to tell, returns SYNCBN_ERROR_INVALID_ARGUMENT at once, and its peers will wait.
+ *
+ * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
+ * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per
+ * thread.
+ */
+#ifndef SYNCBN_SYNCBN_H
+#define SYNCBN_SYNCBN_H
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define SYNCBN_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define SYNCBN_API __attribute__((visibility("default")))
+#else
+#define SYNCBN_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SYNCBN_VERSION_MAJOR 0
+#define SYNCBN_VERSION_MINOR 1
+#define SYNCBN_VERSION_PATCH 0
+
+/* Status codes. Every call returns one; syncbn_last_error() gives the detail. */
+typedef enum syncbn_status {
+  SYNCBN_SUCCESS = 0,
+  /* A null pointer, a bad shape, C <= 0, eps <= 0, momentum outside [0, 1], a bad group size,
+     on this rank or (for collective calls) on any rank of the group: the message names the rank
+     and the argument. */
+  SYNCBN_ERROR_INVALID_ARGUMENT = 1,
+  /* syncbn_plan_create: the ranks of the group disagree on the configuration (the message
+     names the field). */
+  SYNCBN_ERROR_CONFIG_MISMATCH = 2,
+  /* A collective call met a different call on another rank: a rank skipped a call, or called
+     another plan, or forward met backward. */
+  SYNCBN_ERROR_CALL_MISMATCH = 3,
+  /* The global batch is too small: m == 0, or m == 1 in training with track_running_stats
+     (the unbiased variance m / (m - 1) is undefined). */
+  SYNCBN_ERROR_BATCH_TOO_SMALL = 4,
+  /* A valid request this build cannot serve (a dtype or device it was built without). */
+  SYNCBN_ERROR_NOT_SUPPORTED = 5,
+  /* The communication backend failed (MPI returned an error). */
+  SYNCBN_ERROR_COMM = 6,
+  SYNCBN_ERROR_OUT_OF_MEMORY = 7,
+  SYNCBN_ERROR_INTERNAL = 8
+} syncbn_status_t;
+
+typedef enum syncbn_dtype {
+  SYNCBN_FLOAT32 = 0,
+  SYNCBN_FLOAT64 = 1,
+  SYNCBN_FLOAT16 = 2,  /* reserved: GPU path */
+  SYNCBN_BFLOAT16 = 3  /* reserved: GPU path */
+} syncbn_dtype_t;
+
+typedef enum syncbn_layout {
+  SYNCBN_CHANNELS_FIRST = 0, /* (N, C, *spatial), NCHW */
+  SYNCBN_CHANNELS_LAST = 1   /* (N, *spatial, C), NHWC */
+} syncbn_layout_t;
+
+typedef enum syncbn_device {
+  SYNCBN_DEVICE_CPU = 0,
+  SYNCBN_DEVICE_CUDA = 1 /* reserved: GPU path */
+} syncbn_device_t;
+
+/* momentum value meaning "unset": running statistics are the cumulative average,
+   a = 1 / num_batches_tracked (PyTorch's momentum=None). A quiet NaN. */
+#define SYNCBN_MOMENTUM_CUMULATIVE ((double)NAN)
+
+/* A layer's configuration. Fill it with syncbn_config_init, then change fields. Every rank of
+   the group must pass the same values to syncbn_plan_create. */
+typedef struct syncbn_config {
+  int64_t num_features;      /* C, > 0 */
+  syncbn_dtype_t dtype;      /* of x, y, dy, dx */
+  syncbn_layout_t layout;    /* default SYNCBN_CHANNELS_FIRST */
+  syncbn_device_t device;    /* default SYNCBN_DEVICE_CPU */
+  double eps;                /* > 0 and finite, default 1e-5 */
+  double momentum;           /* in [0, 1] or SYNCBN_MOMENTUM_CUMULATIVE, default 0.1 */
+  int affine;                /* nonzero: learnable weight and bias; 0: weight 1, bias 0. Default 1 */
+  int track_running_stats;   /* nonzero: keep running_mean / running_var. Default 1 */
+  int global_param_grads;    /* nonzero: dweight / dbias summed over the group; 0 (default):
+                                local to this rank, as PyTorch's SyncBatchNorm, for trainers
+                                that average parameter gradients themselves */
+} syncbn_config_t;
+
+typedef struct syncbn_comm_s* syncbn_comm_t;
+typedef struct syncbn_plan_s* syncbn_plan_t;
+
+/* The name of a status code ("SYNCBN_ERROR_INVALID_ARGUMENT"). Never NULL. */
+SYNCBN_API const char* syncbn_status_string(syncbn_status_t status);
+
+/* The message of the last failed call on this thread ("" if none). Valid until the next call
+   into syncbn on this thread. */
+SYNCBN_API const char* syncbn_last_error(void);
+
+/* Fills *config with the defaults above for num_features channels of dtype. Does not validate
+   (syncbn_plan_create does). Returns SYNCBN_ERROR_INVALID_ARGUMENT if config is NULL. */
+SYNCBN_API syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t num_features,
+                                              syncbn_dtype_t dtype);
+
+/* ---- Communicators ------------------------------------------------------------------------ */
+
+/* A communicator of one process (rank 0, size 1) that needs no MPI. Synchronized BN over it is
+   plain batch norm. */
+SYNCBN_API syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm);
+
+/* COLLECTIVE over parent. Splits parent into consecutive groups of group_size ranks
+   (ranks [0, k), [k, 2k), ...); *sub is this rank's group. Statistics of plans on *sub are
+   shared within the group only. group_size must be >= 1, divide parent's size, and be the same
+   on every rank (else SYNCBN_ERROR_INVALID_ARGUMENT on every rank). */
+SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size,
+                                             syncbn_comm_t* sub);
+
+/* Releases the handle. Plans made on it keep the communicator alive until they are destroyed.
+   NULL is accepted. */
+SYNCBN_API syncbn_status_t syncbn_comm_destroy(syncbn_comm_t comm);
+
+SYNCBN_API syncbn_status_t syncbn_comm_rank(syncbn_comm_t comm, int* rank);
+SYNCBN_API syncbn_status_t syncbn_comm_size(syncbn_comm_t comm, int* size);
+
+/* ---- Plans ---------------------------------------------------------------------------------- */
+
+/* COLLECTIVE over comm (one allreduce). Validates config on every rank and checks that all
+   ranks agree on num_features, dtype, layout, device, eps, momentum, affine,
+   track_running_stats and global_param_grads. Errors (on every rank alike):
+   SYNCBN_ERROR_INVALID_ARGUMENT (a rank's config is invalid: the message names rank and
+   field), SYNCBN_ERROR_CONFIG_MISMATCH (valid but different: the message names the field),
+   SYNCBN_ERROR_NOT_SUPPORTED (dtype or device this build lacks). After creation, calls on the
+   plan run no validation collective of their own: their checks ride on the one allreduce each
+   call makes anyway. */
+SYNCBN_API syncbn_status_t syncbn_plan_create(syncbn_comm_t comm, const syncbn_config_t* config,
+                                              syncbn_plan_t* plan);
+
+/* Not collective. NULL is accepted. */
+SYNCBN_API syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan);
+
+/* Copies the plan's configuration into *config. */
+SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* config);
+
+/* ---- Batch normalization -------------------------------------------------------------------- */
+
+/* COLLECTIVE (one allreduce of 2C + 12 doubles). Forward in training mode.
+     x      [in]  data, shape[ndim] in the plan's layout and dtype
+     weight [in]  C params (gamma); ignored (may be NULL) when affine is off
+     bias   [in]  C params (beta);  ignored (may be NULL) when affine is off
+     y      [out] same shape as x; may equal x (in place)
+     save_mean, save_invstd [out] C params each: the batch mean and 1/sqrt(var + eps) over the
+                  group, for syncbn_backward. May be NULL when no backward follows.
+     running_mean, running_var [in/out] C params each; required when track_running_stats,
+                  ignored otherwise
+     num_batches_tracked [in/out] required when track_running_stats and momentum is
+                  SYNCBN_MOMENTUM_CUMULATIVE, optional (may be NULL) otherwise; incremented by
+                  one on success
+     stream       must be NULL for CPU plans
+   Errors: SYNCBN_ERROR_INVALID_ARGUMENT, SYNCBN_ERROR_CALL_MISMATCH,
+   SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_COMM. On error, y, save_*, running_* and
+   num_batches_tracked are left as they were, on every rank. */
+SYNCBN_API syncbn_status_t syncbn_forward_training(
+    syncbn_plan_t plan, int ndim, const int64_t* shape, const void* x, const void* weight,
+    const void* bias, void* y, void* save_mean, void* save_invstd, void* running_mean,
+    void* running_var, int64_t* num_batches_tracked, void* stream);
+
+/* Forward in evaluation mode:
+   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. Local, no communication,
+   when track_running_stats is on. When it is off, there are no running statistics and this is
+   syncbn_forward_training without saved statistics: COLLECTIVE, batch statistics of the group
+   (PyTorch's behaviour), running_mean / running_var ignored. */
+SYNCBN_API syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim,
+                                                    const int64_t* shape, const void* x,
+                                                    const void* weight, const void* bias,
+                                                    const void* running_mean,
+                                                    const void* running_var, void* y,
+                                                    void* stream);
+
+/* COLLECTIVE (one allreduce of 2C + 12 doubles). Backward of syncbn_forward_training.
+     x, dy  [in]  same shape, layout and dtype as the forward input
+     weight [in]  C params; ignored (may be NULL) when affine is off
+     save_mean, save_invstd [in] C params each, as written by syncbn_forward_training
+     dx     [out] same shape as x; may equal dy (in place)
+     dweight, dbias [out] C params each, optional (NULL: not computed; always NULL-able when
+                  affine is off). Local to this rank unless global_param_grads:
+                  dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy).
+   dx = weight * invstd * (dy - sum_g / m - (x - mean) * invstd^2 * sum_gx / m), with
+   sum_g = sum dy and sum_gx = sum dy (x - mean) over the whole group.
+   Errors: as syncbn_forward_training; SYNCBN_ERROR_BATCH_TOO_SMALL when m == 0. */
+SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* shape,
+                                           const void* x, const void* dy, const void* weight,
+                                           const void* save_mean, const void* save_invstd,
+                                           void* dx, void* dweight, void* dbias, void* stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SYNCBN_SYNCBN_H */

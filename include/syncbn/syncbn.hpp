@@ -1,0 +1,133 @@
+// syncbn: the C++ API. A header-only layer over the C API (syncbn/syncbn.h): RAII handles and
+// one exception type carrying the status. Semantics, shapes, dtypes and errors are those of the
+// C functions named in each comment.
+#ifndef SYNCBN_SYNCBN_HPP
+#define SYNCBN_SYNCBN_HPP
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "syncbn/syncbn.h"
+
+namespace syncbn {
+
+// Thrown by every wrapper below when the C call does not return SYNCBN_SUCCESS.
+class Error : public std::runtime_error {
+ public:
+  Error(syncbn_status_t status, const std::string& message)
+      : std::runtime_error(std::string(syncbn_status_string(status)) + ": " + message),
+        status_(status) {}
+  syncbn_status_t status() const noexcept { return status_; }
+
+ private:
+  syncbn_status_t status_;
+};
+
+inline void check(syncbn_status_t status) {
+  if (status != SYNCBN_SUCCESS) throw Error(status, syncbn_last_error());
+}
+
+// A group of ranks. Owns a syncbn_comm_t.
+class Communicator {
+ public:
+  Communicator() = default;
+  // Takes ownership of a handle made by a C constructor (syncbn_comm_create_*).
+  explicit Communicator(syncbn_comm_t handle) : handle_(handle, &syncbn_comm_destroy) {}
+
+  // One process, no MPI (syncbn_comm_create_self).
+  static Communicator self() {
+    syncbn_comm_t h = nullptr;
+    check(syncbn_comm_create_self(&h));
+    return Communicator(h);
+  }
+
+  // COLLECTIVE: consecutive groups of group_size ranks (syncbn_comm_split).
+  Communicator split(int group_size) const {
+    syncbn_comm_t h = nullptr;
+    check(syncbn_comm_split(get(), group_size, &h));
+    return Communicator(h);
+  }
+
+  int rank() const {
+    int r = 0;
+    check(syncbn_comm_rank(get(), &r));
+    return r;
+  }
+  int size() const {
+    int s = 0;
+    check(syncbn_comm_size(get(), &s));
+    return s;
+  }
+  syncbn_comm_t get() const { return handle_.get(); }
+  explicit operator bool() const { return handle_ != nullptr; }
+
+ private:
+  std::shared_ptr<syncbn_comm_s> handle_;
+};
+
+// The defaults of syncbn_config_init: eps 1e-5, momentum 0.1, affine, track_running_stats,
+// channels-first, CPU, local parameter gradients.
+inline syncbn_config_t make_config(int64_t num_features, syncbn_dtype_t dtype = SYNCBN_FLOAT32) {
+  syncbn_config_t c;
+  check(syncbn_config_init(&c, num_features, dtype));
+  return c;
+}
+
+// One batch-norm layer: a validated plan on a communicator (syncbn_plan_create, COLLECTIVE).
+// Pointers follow the C API: data in the plan's dtype and layout, parameters and statistics
+// C values of the parameter type (float, or double for FLOAT64 data).
+class BatchNorm {
+ public:
+  BatchNorm() = default;
+  BatchNorm(const Communicator& comm, const syncbn_config_t& config) {
+    syncbn_plan_t p = nullptr;
+    check(syncbn_plan_create(comm.get(), &config, &p));
+    plan_.reset(p, &syncbn_plan_destroy);
+  }
+
+  syncbn_config_t config() const {
+    syncbn_config_t c;
+    check(syncbn_plan_get_config(get(), &c));
+    return c;
+  }
+
+  // COLLECTIVE. syncbn_forward_training.
+  void forward_training(const std::vector<int64_t>& shape, const void* x, const void* weight,
+                        const void* bias, void* y, void* save_mean, void* save_invstd,
+                        void* running_mean, void* running_var,
+                        int64_t* num_batches_tracked, void* stream = nullptr) {
+    check(syncbn_forward_training(get(), static_cast<int>(shape.size()), shape.data(), x,
+                                  weight, bias, y, save_mean, save_invstd, running_mean,
+                                  running_var, num_batches_tracked, stream));
+  }
+
+  // syncbn_forward_inference (COLLECTIVE only when track_running_stats is off).
+  void forward_inference(const std::vector<int64_t>& shape, const void* x, const void* weight,
+                         const void* bias, const void* running_mean, const void* running_var,
+                         void* y, void* stream = nullptr) {
+    check(syncbn_forward_inference(get(), static_cast<int>(shape.size()), shape.data(), x,
+                                   weight, bias, running_mean, running_var, y, stream));
+  }
+
+  // COLLECTIVE. syncbn_backward.
+  void backward(const std::vector<int64_t>& shape, const void* x, const void* dy,
+                const void* weight, const void* save_mean, const void* save_invstd, void* dx,
+                void* dweight, void* dbias, void* stream = nullptr) {
+    check(syncbn_backward(get(), static_cast<int>(shape.size()), shape.data(), x, dy, weight,
+                          save_mean, save_invstd, dx, dweight, dbias, stream));
+  }
+
+  syncbn_plan_t get() const { return plan_.get(); }
+  explicit operator bool() const { return plan_ != nullptr; }
+
+ private:
+  std::shared_ptr<syncbn_plan_s> plan_;
+};
+
+}  // namespace syncbn
+
+#endif  // SYNCBN_SYNCBN_HPP

@@ -1,0 +1,27 @@
+/*
+ * syncbn: the MPI communicator (C API). Include only where MPI is wanted; needs mpi.h.
+ */
+#ifndef SYNCBN_SYNCBN_MPI_H
+#define SYNCBN_SYNCBN_MPI_H
+
+#include <mpi.h>
+
+#include "syncbn/syncbn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* COLLECTIVE over mpi_comm. A communicator over the caller's MPI communicator. The library
+   duplicates it (MPI_Comm_dup), so its messages never match the caller's, and sets
+   MPI_ERRORS_RETURN on the duplicate so that an MPI failure comes back as SYNCBN_ERROR_COMM
+   instead of aborting. MPI must be initialized; the duplicate is freed by syncbn_comm_destroy
+   (or, if MPI is finalized by then, left to MPI). Errors: SYNCBN_ERROR_INVALID_ARGUMENT
+   (comm NULL, mpi_comm MPI_COMM_NULL, MPI not initialized), SYNCBN_ERROR_COMM. */
+SYNCBN_API syncbn_status_t syncbn_comm_create_mpi(MPI_Comm mpi_comm, syncbn_comm_t* comm);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SYNCBN_SYNCBN_MPI_H */

@@ -1,0 +1,41 @@
+// src/comm: the communicator interface and its backends (single process, MPI). A backend knows
+// how to sum a small fp64 buffer over its group and how to split the group; it knows nothing of
+// batch norm, guards or plans (src/core owns those).
+#ifndef SYNCBN_COMM_COMMUNICATOR_HPP
+#define SYNCBN_COMM_COMMUNICATOR_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace syncbn::comm {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // COLLECTIVE. In-place sum of count doubles over the group, the same result on every rank.
+  // stream: the backend's stream, NULL for host backends. Throws core::Failure
+  // (SYNCBN_ERROR_COMM) if the transport fails.
+  virtual void allreduce_sum(double* buffer, std::size_t count, void* stream) = 0;
+
+  // COLLECTIVE. This rank's group among consecutive groups of group_size ranks. The caller has
+  // checked that group_size >= 1 divides size() and agrees across ranks.
+  virtual std::shared_ptr<Communicator> split_consecutive(int group_size) = 0;
+
+  // The serial number of the next plan made on this communicator. Plan creation is collective,
+  // so every rank of the group hands out the same serials in the same order.
+  std::uint32_t next_plan_serial() { return plan_serial_++; }
+
+ private:
+  std::uint32_t plan_serial_ = 0;
+};
+
+// A group of one process: rank 0, size 1, allreduce is the identity.
+std::shared_ptr<Communicator> make_self_communicator();
+
+}  // namespace syncbn::comm
+
+#endif  // SYNCBN_COMM_COMMUNICATOR_HPP

@@ -1,0 +1,204 @@
+// The C API: handles, argument plumbing and the translation of internal failures into status
+// codes and the per-thread last-error message. No logic of its own beyond that.
+#include <new>
+#include <utility>
+
+#include "comm/communicator.hpp"
+#include "core/error.hpp"
+#include "core/plan.hpp"
+#include "core/split.hpp"
+#include "syncbn/syncbn.h"
+#ifdef SYNCBN_HAVE_MPI
+#include "comm/mpi.hpp"
+#include "syncbn/syncbn_mpi.h"
+#endif
+
+struct syncbn_comm_s {
+  std::shared_ptr<syncbn::comm::Communicator> impl;
+};
+
+struct syncbn_plan_s {
+  std::unique_ptr<syncbn::core::Plan> impl;
+};
+
+namespace {
+
+using syncbn::core::Failure;
+
+// Runs body, turning every exception into a status and the last-error message.
+template <class F>
+syncbn_status_t guarded(F&& body) noexcept {
+  syncbn::core::clear_last_error();
+  try {
+    body();
+    return SYNCBN_SUCCESS;
+  } catch (const Failure& e) {
+    syncbn::core::set_last_error(e.what());
+    return e.status();
+  } catch (const std::bad_alloc&) {
+    syncbn::core::set_last_error("out of memory");
+    return SYNCBN_ERROR_OUT_OF_MEMORY;
+  } catch (const std::exception& e) {
+    syncbn::core::set_last_error(std::string("internal error: ") + e.what());
+    return SYNCBN_ERROR_INTERNAL;
+  } catch (...) {
+    syncbn::core::set_last_error("internal error: unknown exception");
+    return SYNCBN_ERROR_INTERNAL;
+  }
+}
+
+// A handle the caller passed: NULL fails locally (there is no group to tell).
+template <class H>
+auto& checked(H handle, const char* name) {
+  if (handle == nullptr) {
+    syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, std::string(name) + " is null");
+  }
+  return *handle->impl;
+}
+
+template <class H>
+void require_out(H* out, const char* name) {
+  if (out == nullptr) {
+    syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, std::string(name) + " is null");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* syncbn_status_string(syncbn_status_t status) {
+  switch (status) {
+    case SYNCBN_SUCCESS: return "SYNCBN_SUCCESS";
+    case SYNCBN_ERROR_INVALID_ARGUMENT: return "SYNCBN_ERROR_INVALID_ARGUMENT";
+    case SYNCBN_ERROR_CONFIG_MISMATCH: return "SYNCBN_ERROR_CONFIG_MISMATCH";
+    case SYNCBN_ERROR_CALL_MISMATCH: return "SYNCBN_ERROR_CALL_MISMATCH";
+    case SYNCBN_ERROR_BATCH_TOO_SMALL: return "SYNCBN_ERROR_BATCH_TOO_SMALL";
+    case SYNCBN_ERROR_NOT_SUPPORTED: return "SYNCBN_ERROR_NOT_SUPPORTED";
+    case SYNCBN_ERROR_COMM: return "SYNCBN_ERROR_COMM";
+    case SYNCBN_ERROR_OUT_OF_MEMORY: return "SYNCBN_ERROR_OUT_OF_MEMORY";
+    case SYNCBN_ERROR_INTERNAL: return "SYNCBN_ERROR_INTERNAL";
+  }
+  return "SYNCBN_ERROR_UNKNOWN_STATUS";
+}
+
+const char* syncbn_last_error(void) { return syncbn::core::last_error(); }
+
+syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t num_features,
+                                   syncbn_dtype_t dtype) {
+  return guarded([&] {
+    require_out(config, "config");
+    *config = syncbn_config_t{};
+    config->num_features = num_features;
+    config->dtype = dtype;
+    config->layout = SYNCBN_CHANNELS_FIRST;
+    config->device = SYNCBN_DEVICE_CPU;
+    config->eps = 1e-5;
+    config->momentum = 0.1;
+    config->affine = 1;
+    config->track_running_stats = 1;
+    config->global_param_grads = 0;
+  });
+}
+
+syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm) {
+  return guarded([&] {
+    require_out(comm, "comm");
+    *comm = new syncbn_comm_s{syncbn::comm::make_self_communicator()};
+  });
+}
+
+#ifdef SYNCBN_HAVE_MPI
+syncbn_status_t syncbn_comm_create_mpi(MPI_Comm mpi_comm, syncbn_comm_t* comm) {
+  return guarded([&] {
+    require_out(comm, "comm");
+    *comm = new syncbn_comm_s{syncbn::comm::make_mpi_communicator(mpi_comm)};
+  });
+}
+#endif
+
+syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size, syncbn_comm_t* sub) {
+  return guarded([&] {
+    auto group = syncbn::core::split_consecutive(checked(parent, "parent"), group_size,
+                                                 sub == nullptr);
+    *sub = new syncbn_comm_s{std::move(group)};
+  });
+}
+
+syncbn_status_t syncbn_comm_destroy(syncbn_comm_t comm) {
+  return guarded([&] { delete comm; });
+}
+
+syncbn_status_t syncbn_comm_rank(syncbn_comm_t comm, int* rank) {
+  return guarded([&] {
+    auto& c = checked(comm, "comm");
+    require_out(rank, "rank");
+    *rank = c.rank();
+  });
+}
+
+syncbn_status_t syncbn_comm_size(syncbn_comm_t comm, int* size) {
+  return guarded([&] {
+    auto& c = checked(comm, "comm");
+    require_out(size, "size");
+    *size = c.size();
+  });
+}
+
+syncbn_status_t syncbn_plan_create(syncbn_comm_t comm, const syncbn_config_t* config,
+                                   syncbn_plan_t* plan) {
+  return guarded([&] {
+    if (comm == nullptr) syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "comm is null");
+    auto impl = syncbn::core::Plan::create(comm->impl, config, plan == nullptr);
+    *plan = new syncbn_plan_s{std::move(impl)};
+  });
+}
+
+syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan) {
+  return guarded([&] { delete plan; });
+}
+
+syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* config) {
+  return guarded([&] {
+    auto& p = checked(plan, "plan");
+    require_out(config, "config");
+    *config = p.config();
+  });
+}
+
+syncbn_status_t syncbn_forward_training(syncbn_plan_t plan, int ndim, const int64_t* shape,
+                                        const void* x, const void* weight, const void* bias,
+                                        void* y, void* save_mean, void* save_invstd,
+                                        void* running_mean, void* running_var,
+                                        int64_t* num_batches_tracked, void* stream) {
+  return guarded([&] {
+    checked(plan, "plan").forward_training({{ndim, shape}, x, weight, bias, y, save_mean,
+                                            save_invstd, running_mean, running_var,
+                                            num_batches_tracked, stream});
+  });
+}
+
+syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim, const int64_t* shape,
+                                         const void* x, const void* weight, const void* bias,
+                                         const void* running_mean, const void* running_var,
+                                         void* y, void* stream) {
+  return guarded([&] {
+    syncbn::core::ForwardArgs args{{ndim, shape}, x, weight, bias, y};
+    args.running_mean = const_cast<void*>(running_mean);  // read only in inference
+    args.running_var = const_cast<void*>(running_var);
+    args.stream = stream;
+    checked(plan, "plan").forward_inference(args);
+  });
+}
+
+syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* shape,
+                                const void* x, const void* dy, const void* weight,
+                                const void* save_mean, const void* save_invstd, void* dx,
+                                void* dweight, void* dbias, void* stream) {
+  return guarded([&] {
+    checked(plan, "plan").backward({{ndim, shape}, x, dy, weight, save_mean, save_invstd, dx,
+                                    dweight, dbias, stream});
+  });
+}
+
+}  // extern "C"

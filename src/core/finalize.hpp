@@ -1,0 +1,103 @@
+// The per-channel math of synchronized batch norm, written once for every backend: plain inline
+// functions of scalars, callable from host code and (through SYNCBN_HD) from CUDA kernels.
+// Every function works in fp64; the backends round the results to the parameter type.
+//
+// Source: Ioffe & Szegedy 2015, Algorithm 1 (forward) and section 3 (backward); running
+// statistics as PyTorch's BatchNorm (unbiased variance, momentum = weight of the new value).
+#ifndef SYNCBN_CORE_FINALIZE_HPP
+#define SYNCBN_CORE_FINALIZE_HPP
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SYNCBN_HD __host__ __device__
+#else
+#define SYNCBN_HD
+#endif
+
+namespace syncbn::core {
+
+// Plain sums from shifted ones: with s' = sum (x - K), q' = sum (x - K)^2 over m values,
+// sum x = s' + m K and sum x^2 = q' + K (2 s' + m K). Each rank shifts by its own K (a value of
+// its own data, near the mean), so its local sums carry no cancellation; only these few fp64
+// operations round at the scale of sum x^2 (Chan, Golub & LeVeque 1983, shifted data).
+SYNCBN_HD inline void unshift_moments(double& s, double& q, double m, double K) {
+  if (m == 0.0) return;
+  const double s_shifted = s;
+  s = s_shifted + m * K;
+  q = q + K * (2.0 * s_shifted + m * K);
+}
+
+// Batch statistics of one channel from the group's sums.
+struct Moments {
+  double mean;    // s / m
+  double var;     // biased: max(q / m - mean^2, 0); NaN stays NaN
+  double invstd;  // 1 / sqrt(var + eps)
+};
+
+// s = sum x, q = sum x^2, m = count (> 0), over every rank of the group.
+SYNCBN_HD inline Moments moments_from_sums(double s, double q, double m, double eps) {
+  const double mean = s / m;
+  double var = q / m - mean * mean;
+  var = var < 0.0 ? 0.0 : var;  // cancellation can make it slightly negative; NaN passes
+  return {mean, var, 1.0 / std::sqrt(var + eps)};
+}
+
+// Weight of the new batch in the running statistics: momentum, or the cumulative average
+// 1 / num_batches_tracked (num_batches_tracked already counting this batch) when momentum is
+// unset (NaN).
+SYNCBN_HD inline double running_factor(double momentum, long long num_batches_tracked) {
+  return momentum == momentum ? momentum : 1.0 / static_cast<double>(num_batches_tracked);
+}
+
+// running_mean = (1 - a) running_mean + a mean;
+// running_var  = (1 - a) running_var  + a var m / (m - 1)   (m > 1, the GLOBAL count).
+template <class P>
+SYNCBN_HD inline void update_running(P& running_mean, P& running_var, const Moments& mo,
+                                     double m, double a) {
+  running_mean = static_cast<P>((1.0 - a) * static_cast<double>(running_mean) + a * mo.mean);
+  running_var = static_cast<P>((1.0 - a) * static_cast<double>(running_var) +
+                               a * mo.var * (m / (m - 1.0)));
+}
+
+// y = (x - center) * scale + shift, the one elementwise form of every forward.
+//
+// center is the mean rounded to the data type T, so that x - center is exact in T for x near
+// the mean (Sterbenz); the rounding error of center moves into shift, computed in fp64:
+//   y = (x - mean) * invstd * w + b = (x - center) * scale + (b - (mean - center) * scale).
+// This keeps fp32 outputs accurate for inputs whose mean is large against their spread.
+template <class T>
+struct AffineCoefficients {
+  T center, scale, shift;
+};
+
+template <class T>
+SYNCBN_HD inline AffineCoefficients<T> affine_coefficients(double mean, double invstd,
+                                                           double weight, double bias) {
+  const T center = static_cast<T>(mean);
+  const double scale = invstd * weight;
+  return {center, static_cast<T>(scale),
+          static_cast<T>(bias - (mean - static_cast<double>(center)) * scale)};
+}
+
+// Backward: dx = a * dy - k * (x - center) + d, with the group's sums
+//   sum_g  = sum dy,  sum_gx = sum dy * (x - center),  m = count,
+// center = the saved mean, invstd = the saved 1 / sqrt(var + eps):
+//   dx = w * invstd * (dy - sum_g / m - (x - center) * invstd^2 * sum_gx / m).
+template <class T>
+struct BackwardCoefficients {
+  T center, a, k, d;
+};
+
+template <class T>
+SYNCBN_HD inline BackwardCoefficients<T> backward_coefficients(double center, double invstd,
+                                                               double weight, double sum_g,
+                                                               double sum_gx, double m) {
+  const double a = weight * invstd;
+  return {static_cast<T>(center), static_cast<T>(a),
+          static_cast<T>(a * invstd * invstd * sum_gx / m), static_cast<T>(-a * sum_g / m)};
+}
+
+}  // namespace syncbn::core
+
+#endif  // SYNCBN_CORE_FINALIZE_HPP

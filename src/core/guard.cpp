@@ -1,0 +1,187 @@
+#include "core/guard.hpp"
+
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace syncbn::core {
+namespace {
+
+const char* arg_name(Arg arg) {
+  switch (arg) {
+    case Arg::none: return "(none)";
+    case Arg::x: return "x";
+    case Arg::y: return "y";
+    case Arg::weight: return "weight";
+    case Arg::bias: return "bias";
+    case Arg::save_mean: return "save_mean";
+    case Arg::save_invstd: return "save_invstd";
+    case Arg::running_mean: return "running_mean";
+    case Arg::running_var: return "running_var";
+    case Arg::num_batches_tracked: return "num_batches_tracked";
+    case Arg::dy: return "dy";
+    case Arg::dx: return "dx";
+    case Arg::dweight: return "dweight";
+    case Arg::dbias: return "dbias";
+    case Arg::shape: return "shape";
+    case Arg::ndim: return "ndim";
+    case Arg::stream: return "stream";
+    case Arg::config: return "config";
+    case Arg::num_features: return "num_features";
+    case Arg::dtype: return "dtype";
+    case Arg::layout: return "layout";
+    case Arg::device: return "device";
+    case Arg::eps: return "eps";
+    case Arg::momentum: return "momentum";
+    case Arg::group_size: return "group_size";
+    case Arg::plan: return "plan";
+    case Arg::sub: return "sub";
+  }
+  return "(unknown argument)";
+}
+
+std::uint32_t encode(const ArgError& e) {
+  return (static_cast<std::uint32_t>(e.arg) << 4) | static_cast<std::uint32_t>(e.problem);
+}
+
+// Exact test of "all P ranks sent the same v" from s1 = sum v and s2 = sum v^2.
+bool all_equal(double s1, double s2, int group_size) {
+  const auto a = static_cast<__int128>(group_size) * static_cast<__int128>(std::llround(s2));
+  const auto b = static_cast<__int128>(std::llround(s1)) * static_cast<__int128>(std::llround(s1));
+  return a == b;
+}
+
+}  // namespace
+
+std::string describe(Arg arg, Problem problem) {
+  const std::string name = arg_name(arg);
+  switch (problem) {
+    case Problem::null: return name + " is null";
+    case Problem::channels: return name + ": channel dimension differs from num_features";
+    case Problem::negative: return name + " has a negative dimension";
+    case Problem::ndim_range: return name + " must be 2 to 5 (N, C and 0 to 3 spatial dims)";
+    case Problem::overflow: return name + ": element count overflows int64";
+    case Problem::not_null: return name + " must be NULL for a CPU plan";
+    case Problem::not_positive: return name + " must be positive and finite";
+    case Problem::out_of_range:
+      return name + " must be in [0, 1] or SYNCBN_MOMENTUM_CUMULATIVE";
+    case Problem::unsupported: return name + " is not supported by this build";
+    case Problem::not_divisor: return name + " must be >= 1 and divide the communicator size";
+    case Problem::disagrees: return name + " differs across ranks";
+    case Problem::invalid_enum: return name + " is not a valid enumeration value";
+  }
+  return name + ": invalid";
+}
+
+syncbn_status_t status_of(Problem problem) {
+  switch (problem) {
+    case Problem::unsupported: return SYNCBN_ERROR_NOT_SUPPORTED;
+    case Problem::disagrees: return SYNCBN_ERROR_CONFIG_MISMATCH;
+    default: return SYNCBN_ERROR_INVALID_ARGUMENT;
+  }
+}
+
+void put_error_record(double* slots, int rank, const ArgError& mine) {
+  slots[0] = 1.0;  // participation
+  slots[1] = slots[2] = slots[3] = slots[4] = 0.0;
+  if (mine) {
+    const double code = encode(mine);
+    slots[1] = 1.0;
+    slots[2] = static_cast<double>(rank) + 1.0;
+    slots[3] = code;
+    slots[4] = code * code;
+  }
+}
+
+void check_participation(const double* slots, int group_size) {
+  if (std::llround(slots[0]) != group_size) {
+    fail(SYNCBN_ERROR_INTERNAL, "guard: " + std::to_string(std::llround(slots[0])) +
+                                    " ranks took part in a collective of a group of " +
+                                    std::to_string(group_size));
+  }
+}
+
+void check_error_record(const double* slots, int group_size, int rank, const ArgError& mine) {
+  check_participation(slots, group_size);
+  const long long failed = std::llround(slots[1]);
+  if (failed == 0) return;
+  const std::string own = mine ? " (this rank, " + std::to_string(rank) + ": " +
+                                     describe(mine.arg, mine.problem) +
+                                     (mine.detail.empty() ? "" : "; " + mine.detail) + ")"
+                               : "";
+  if (!all_equal(slots[3], slots[4], static_cast<int>(failed))) {
+    fail(SYNCBN_ERROR_INVALID_ARGUMENT,
+         std::to_string(failed) + " of " + std::to_string(group_size) +
+             " ranks rejected their arguments, with different errors" + own);
+  }
+  const auto code = static_cast<std::uint32_t>(std::llround(slots[3] / static_cast<double>(failed)));
+  const auto arg = static_cast<Arg>(code >> 4);
+  const auto problem = static_cast<Problem>(code & 0xF);
+  std::string who;
+  if (failed == 1) {
+    who = "rank " + std::to_string(std::llround(slots[2]) - 1);
+  } else if (failed == group_size) {
+    who = "every rank";
+  } else {
+    who = std::to_string(failed) + " of " + std::to_string(group_size) + " ranks";
+  }
+  std::string message = who + ": " + describe(arg, problem);
+  if (mine && !mine.detail.empty()) message += " (this rank: " + mine.detail + ")";
+  fail(status_of(problem), message);
+}
+
+void put_agree(double* slots, std::uint32_t v) {
+  v &= kAgreeMask;
+  slots[0] = static_cast<double>(v);
+  slots[1] = static_cast<double>(v) * static_cast<double>(v);
+}
+
+bool agreed(const double* slots, int group_size) { return all_equal(slots[0], slots[1], group_size); }
+
+void put_agree48(double* slots, std::uint64_t v) {
+  for (int i = 0; i < 4; ++i) put_agree(slots + i * kAgreeSlots, static_cast<std::uint32_t>(v >> (12 * i)));
+}
+
+bool agreed48(const double* slots, int group_size) {
+  for (int i = 0; i < 4; ++i) {
+    if (!agreed(slots + i * kAgreeSlots, group_size)) return false;
+  }
+  return true;
+}
+
+void put_fingerprint(double* slots, const Fingerprint& fp) {
+  put_agree(slots, fp.plan);
+  put_agree(slots + kAgreeSlots, static_cast<std::uint32_t>(fp.op));
+  put_agree(slots + 2 * kAgreeSlots, static_cast<std::uint32_t>(fp.seq));
+}
+
+void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine) {
+  const char* what = nullptr;
+  if (!agreed(slots, group_size)) {
+    what = "another plan (layer)";
+  } else if (!agreed(slots + kAgreeSlots, group_size)) {
+    what = "another operation (forward vs backward, training vs inference)";
+  } else if (!agreed(slots + 2 * kAgreeSlots, group_size)) {
+    what = "another call of the sequence (a rank skipped or repeated a call)";
+  }
+  if (what == nullptr) return;
+  static const char* op_names[] = {"?", "forward_training", "forward_inference", "backward"};
+  fail(SYNCBN_ERROR_CALL_MISMATCH,
+       std::string("call mismatch: ranks of the group are in different calls, some in ") + what +
+           "; this rank is in " + op_names[static_cast<int>(mine.op) & 3] + " call #" +
+           std::to_string(mine.seq) + " of its plan");
+}
+
+void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint& fp) {
+  put_error_record(slots, rank, mine);
+  put_fingerprint(slots + kErrorSlots, fp);
+}
+
+void check_guards(const double* slots, int group_size, int rank, const ArgError& mine,
+                  const Fingerprint& fp) {
+  check_participation(slots, group_size);
+  check_fingerprint(slots + kErrorSlots, group_size, fp);
+  check_error_record(slots, group_size, rank, mine);
+}
+
+}  // namespace syncbn::core

@@ -1,0 +1,101 @@
+// Guard slots: how ranks reach one verdict without extra collectives (DESIGN.md section 2).
+//
+// Every collective this library makes is an allreduce(SUM) of fp64 slots. Next to the data it
+// carries:
+//   - a participation count (1 per rank; the sum must be the group size);
+//   - an error record: count of failing ranks, sum of (rank + 1), sum of code and of code^2
+//     over failing ranks, where code (< 4096) names an argument and what is wrong with it;
+//   - agreement pairs: a small integer v (< 4096) sent as v and v^2. All ranks sent the same v
+//     iff P * sum(v^2) == sum(v)^2 (Cauchy-Schwarz), evaluated exactly in integers. Call
+//     fingerprints (plan, operation, sequence number) and plan configurations travel this way.
+// Every rank evaluates the same sums and so raises the same error with the same message.
+#ifndef SYNCBN_CORE_GUARD_HPP
+#define SYNCBN_CORE_GUARD_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "syncbn/syncbn.h"
+
+namespace syncbn::core {
+
+// The argument a rank rejected. Values are part of the wire format: append only.
+enum class Arg : std::uint16_t {
+  none = 0,
+  x, y, weight, bias, save_mean, save_invstd, running_mean, running_var, num_batches_tracked,
+  dy, dx, dweight, dbias, shape, ndim, stream,
+  config, num_features, dtype, layout, device, eps, momentum, group_size, plan, sub,
+};
+
+// What is wrong with it. Values are part of the wire format: append only.
+enum class Problem : std::uint16_t {
+  null = 1,        // a required pointer is NULL
+  channels,        // shape's channel dimension differs from num_features
+  negative,        // a negative dimension
+  ndim_range,      // ndim outside [2, 5]
+  overflow,        // element count does not fit int64
+  not_null,        // must be NULL (stream on a CPU plan)
+  not_positive,    // must be > 0 and finite
+  out_of_range,    // momentum outside [0, 1]
+  unsupported,     // valid, but not built into this library (SYNCBN_ERROR_NOT_SUPPORTED)
+  not_divisor,     // group_size does not divide the communicator size
+  disagrees,       // the ranks passed different values
+  invalid_enum,    // not one of the enumeration's values
+};
+
+// A rank's own finding about its arguments. detail is extra text for this rank's message only.
+struct ArgError {
+  Arg arg = Arg::none;
+  Problem problem = Problem::null;
+  std::string detail;
+  explicit operator bool() const { return arg != Arg::none; }
+};
+
+// "weight is null", "shape: channel dimension differs from num_features", ...
+std::string describe(Arg arg, Problem problem);
+syncbn_status_t status_of(Problem problem);
+
+// Slots of the participation count and error record.
+constexpr std::size_t kErrorSlots = 5;
+void put_error_record(double* slots, int rank, const ArgError& mine);
+// Throws Failure(SYNCBN_ERROR_INTERNAL) if the participation count is not group_size.
+void check_participation(const double* slots, int group_size);
+// After the allreduce: throws Failure, identically on every rank, if any rank failed or the
+// participation count is not group_size. rank is this rank's, to name it in messages.
+void check_error_record(const double* slots, int group_size, int rank, const ArgError& mine);
+
+// An agreement pair: v (< 4096) and v^2.
+constexpr std::size_t kAgreeSlots = 2;
+constexpr std::uint32_t kAgreeMask = 0xFFF;
+void put_agree(double* slots, std::uint32_t v);
+bool agreed(const double* slots, int group_size);
+
+// A 48-bit value as four agreement pairs of 12 bits.
+constexpr std::size_t kAgree48Slots = 4 * kAgreeSlots;
+void put_agree48(double* slots, std::uint64_t v);
+bool agreed48(const double* slots, int group_size);
+
+// Which call a rank is in: plan tag, operation, call sequence number (each reduced to 12 bits).
+enum class Op : std::uint32_t { forward_training = 1, forward_inference = 2, backward = 3 };
+struct Fingerprint {
+  std::uint32_t plan = 0;
+  Op op = Op::forward_training;
+  std::uint64_t seq = 0;
+};
+constexpr std::size_t kFingerprintSlots = 3 * kAgreeSlots;
+void put_fingerprint(double* slots, const Fingerprint& fp);
+// Throws Failure(SYNCBN_ERROR_CALL_MISMATCH) on every rank if any rank is in another call.
+void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine);
+
+// Everything a per-call packed buffer carries after its data.
+constexpr std::size_t kGuardSlots = kErrorSlots + kFingerprintSlots;
+void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint& fp);
+// Participation, then fingerprints (a rank in another call makes its error record
+// meaningless), then errors.
+void check_guards(const double* slots, int group_size, int rank, const ArgError& mine,
+                  const Fingerprint& fp);
+
+}  // namespace syncbn::core
+
+#endif  // SYNCBN_CORE_GUARD_HPP

@@ -1,0 +1,100 @@
+// A plan: one batch-norm layer's validated configuration on a communicator, the packed fp64
+// buffer of its allreduces, its call sequence number, and scratch. Describe once (collectively,
+// at creation), execute many: calls validate only their own pointers and shape, and the verdict
+// rides on the one allreduce each call makes anyway.
+#ifndef SYNCBN_CORE_PLAN_HPP
+#define SYNCBN_CORE_PLAN_HPP
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.hpp"
+#include "core/guard.hpp"
+#include "cpu/kernels.hpp"
+#include "syncbn/syncbn.h"
+
+namespace syncbn::core {
+
+// A call's tensor arguments, as the C API received them. Pointers to data are of the plan's
+// dtype, pointers to parameters and statistics of its parameter type.
+struct TensorShape {
+  int ndim = 0;
+  const std::int64_t* dims = nullptr;
+};
+
+struct ForwardArgs {
+  TensorShape shape;
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  void* y = nullptr;
+  void* save_mean = nullptr;    // NULL: not saved
+  void* save_invstd = nullptr;  // NULL: not saved
+  void* running_mean = nullptr;
+  void* running_var = nullptr;
+  std::int64_t* num_batches_tracked = nullptr;
+  void* stream = nullptr;
+};
+
+struct BackwardArgs {
+  TensorShape shape;
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  const void* weight = nullptr;
+  const void* save_mean = nullptr;
+  const void* save_invstd = nullptr;
+  void* dx = nullptr;
+  void* dweight = nullptr;
+  void* dbias = nullptr;
+  void* stream = nullptr;
+};
+
+// The config's own validity, on this rank (no communication).
+ArgError validate_config(const syncbn_config_t& config);
+
+class Plan {
+ public:
+  // COLLECTIVE over comm. config may be NULL on a rank (that rank reports it); plan_out_null
+  // says the caller gave no place for the handle. Throws Failure, identically on every rank.
+  static std::unique_ptr<Plan> create(std::shared_ptr<comm::Communicator> comm,
+                                      const syncbn_config_t* config, bool plan_out_null);
+
+  const syncbn_config_t& config() const { return config_; }
+
+  // COLLECTIVE. Batch statistics over the group; running statistics updated on success.
+  void forward_training(const ForwardArgs& args);
+  // Running statistics when track_running_stats, else batch statistics (COLLECTIVE).
+  void forward_inference(const ForwardArgs& args);
+  // COLLECTIVE.
+  void backward(const BackwardArgs& args);
+
+ private:
+  Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
+       std::uint32_t tag);
+
+  template <class T> void forward_batch_stats(const ForwardArgs& args, Op op);
+  template <class T> void forward_running_stats(const ForwardArgs& args);
+  template <class T> void backward_typed(const BackwardArgs& args);
+
+  // Checks shape against the plan; fills geometry and the per-channel count.
+  ArgError check_shape(const TensorShape& shape, cpu::Geometry* geometry) const;
+  Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
+  // Sums the packed buffer over the group and reaches the common verdict (throws on error).
+  void exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream);
+  // C values of type T in the plan's scratch, slot i of kScratchArrays.
+  template <class T> T* scratch(int i);
+
+  std::shared_ptr<comm::Communicator> comm_;
+  syncbn_config_t config_;
+  std::uint32_t tag_;      // plan fingerprint: creation serial and config, 12 bits
+  std::uint64_t seq_ = 0;  // collective calls made on this plan
+  std::vector<double> buffer_;   // [data (2C + 1) | guard slots]
+  std::vector<double> local_;    // this rank's sums, kept across the allreduce (2C)
+  std::vector<double> scratch_;  // kScratchArrays arrays of C values
+  cpu::Workspace workspace_;
+};
+
+}  // namespace syncbn::core
+
+#endif  // SYNCBN_CORE_PLAN_HPP

@@ -1,0 +1,52 @@
+// src/cpu: the CPU kernels, nothing else: per-channel local reductions and elementwise passes
+// over dense tensors, parallel with OpenMP. No validation, no communication, no per-channel
+// finalize math (src/core owns those); every function trusts its arguments.
+//
+// A tensor is seen as (outer, C, inner) with C the channel dimension:
+//   channels-first (N, C, *spatial): outer = N, inner = prod(spatial)
+//   channels-last  (N, *spatial, C): outer = N * prod(spatial), inner = 1
+// (channels-first with no spatial dims is the same memory as channels-last and uses the
+// channels-last kernels). Element (o, c, i) is at ((o * C) + c) * inner + i.
+#ifndef SYNCBN_CPU_KERNELS_HPP
+#define SYNCBN_CPU_KERNELS_HPP
+
+#include <cstdint>
+#include <vector>
+
+namespace syncbn::cpu {
+
+struct Geometry {
+  std::int64_t outer = 0;
+  std::int64_t channels = 0;
+  std::int64_t inner = 1;
+  std::int64_t count_per_channel() const { return outer * inner; }
+};
+
+// Scratch for per-thread partial sums; owned by a plan, grown on demand.
+using Workspace = std::vector<double>;
+
+// Shifted moments: sum[c] = sum (x - shift[c]), sumsq[c] = sum (x - shift[c])^2 over the
+// channel, in fp64 (fp32 data is widened first, so differences and squares are exact). A shift
+// near the mean keeps the sums free of cancellation (core::unshift_moments turns them back into
+// plain sums). Overwrites C values of each.
+template <class T>
+void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
+                    Workspace& ws);
+
+// sum_g[c] = sum dy, sum_gx[c] = sum dy * (x - center[c]), in fp64.
+template <class T>
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
+                 double* sum_gx, Workspace& ws);
+
+// y = (x - center[c]) * scale[c] + shift[c]. y may equal x.
+template <class T>
+void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y);
+
+// dx = a[c] * dy - k[c] * (x - center[c]) + d[c]. dx may equal dy or x.
+template <class T>
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,
+                    const T* k, const T* d, T* dx);
+
+}  // namespace syncbn::cpu
+
+#endif  // SYNCBN_CPU_KERNELS_HPP
