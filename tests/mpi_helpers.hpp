@@ -1,0 +1,116 @@
+// tests/mpi_helpers.hpp: what the MPI tests share besides the reference: the world's rank and
+// size, an MPI communicator of the tests' own over a consecutive group of ranks (for checks,
+// separate from the library's duplicated one), cross-rank comparisons and plan handles.
+//
+// Rule for every MPI test: the sequence of collective calls (library or MPI) must not depend on
+// any check's outcome, so checks between collectives use EXPECT_*, never ASSERT_*, and library
+// calls use the C API (the C++ API throws, which would leave a rank's peers waiting).
+#ifndef SYNCBN_TESTS_MPI_HELPERS_HPP
+#define SYNCBN_TESTS_MPI_HELPERS_HPP
+
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "syncbn/syncbn.h"
+#include "syncbn/syncbn_mpi.h"
+
+namespace syncbn_test {
+
+inline int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+inline int world_size() {
+  int s = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  return s;
+}
+inline std::string rank_tag() { return "rank " + std::to_string(world_rank()); }
+
+// The consecutive group of group_size world ranks that holds this rank, as an MPI communicator
+// of the tests' own (ranks [g k, (g + 1) k), like syncbn_comm_split).
+class TestGroup {
+ public:
+  explicit TestGroup(int group_size) : size_(group_size) {
+    const int r = world_rank();
+    first_ = r / group_size * group_size;
+    MPI_Comm_split(MPI_COMM_WORLD, r / group_size, r, &comm_);
+  }
+  ~TestGroup() { MPI_Comm_free(&comm_); }
+  TestGroup(const TestGroup&) = delete;
+  TestGroup& operator=(const TestGroup&) = delete;
+
+  MPI_Comm comm() const { return comm_; }
+  int size() const { return size_; }
+  int first_world_rank() const { return first_; }  // world rank of the group's rank 0
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int size_ = 1, first_ = 0;
+};
+
+// COLLECTIVE over comm: v equals, byte for byte, the copy of comm's rank 0.
+template <class T>
+::testing::AssertionResult same_as_rank0(const std::string& what, const std::vector<T>& v,
+                                         MPI_Comm comm) {
+  std::vector<T> root = v;
+  const int bytes = static_cast<int>(v.size() * sizeof(T));
+  MPI_Bcast(root.data(), bytes, MPI_BYTE, 0, comm);
+  if (bytes == 0 || std::memcmp(root.data(), v.data(), static_cast<size_t>(bytes)) == 0)
+    return ::testing::AssertionSuccess();
+  size_t i = 0;
+  while (std::memcmp(&root[i], &v[i], sizeof(T)) == 0) ++i;
+  std::ostringstream os;
+  os.precision(17);
+  os << what << " differs bitwise from the group's first rank, first at [" << i << "]: " << v[i]
+     << " here vs " << root[i];
+  return ::testing::AssertionFailure() << os.str();
+}
+
+// COLLECTIVE over comm: the elementwise sum over ranks, in double.
+template <class T>
+std::vector<double> sum_over_ranks(const std::vector<T>& v, MPI_Comm comm) {
+  std::vector<double> d(v.begin(), v.end());
+  MPI_Allreduce(MPI_IN_PLACE, d.data(), static_cast<int>(d.size()), MPI_DOUBLE, MPI_SUM, comm);
+  return d;
+}
+
+// Owning handles for the C API.
+struct CommDeleter {
+  void operator()(syncbn_comm_s* c) const { syncbn_comm_destroy(c); }
+};
+struct PlanDeleter {
+  void operator()(syncbn_plan_s* p) const { syncbn_plan_destroy(p); }
+};
+using CommHandle = std::unique_ptr<syncbn_comm_s, CommDeleter>;
+using PlanHandle = std::unique_ptr<syncbn_plan_s, PlanDeleter>;
+
+// COLLECTIVE: a library communicator over MPI_COMM_WORLD (null, with a failed expectation, if
+// the library refuses).
+inline CommHandle world_comm() {
+  syncbn_comm_t c = nullptr;
+  const syncbn_status_t s = syncbn_comm_create_mpi(MPI_COMM_WORLD, &c);
+  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": syncbn_comm_create_mpi: " << syncbn_last_error();
+  return CommHandle(s == SYNCBN_SUCCESS ? c : nullptr);
+}
+
+// The message of the last error, checked to name the given words.
+inline ::testing::AssertionResult message_names(const std::vector<std::string>& words) {
+  const std::string msg = syncbn_last_error();
+  for (const auto& w : words)
+    if (msg.find(w) == std::string::npos)
+      return ::testing::AssertionFailure()
+             << rank_tag() << ": message '" << msg << "' does not contain '" << w << "'";
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace syncbn_test
+
+#endif  // SYNCBN_TESTS_MPI_HELPERS_HPP

@@ -1,0 +1,473 @@
+// Multi-process failure handling (DESIGN.md section 2): a rank that rejects its arguments still
+// takes part in the collective, so that every rank returns the same status and a message naming
+// the rank and the argument, and nothing changes anywhere; disagreeing configurations fail
+// plan creation everywhere; divergent call sequences fail every call that met them.
+//
+// Every collective call is matched on all ranks (the number of library collectives per rank is
+// the same whatever any check says), so a buggy library fails by assertion or, at worst, by the
+// ctest TIMEOUT (and the watchdog of mpi_main.cpp names the test that hung). Tests that need 2+
+// ranks skip at 1, decided from the world size alone, identically on every rank. The tests that
+// make ranks call different plans or operations run last (a parameterized suite defined last):
+// after such a mismatch a test stops using its plans.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <limits>
+#include <ostream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "api_calls.hpp"
+#include "mpi_helpers.hpp"
+#include "reference.hpp"
+#include "syncbn/syncbn.h"
+#include "syncbn/syncbn_mpi.h"
+
+namespace {
+
+using namespace syncbn_test;
+
+constexpr int64_t kC = 3;
+constexpr double kCumulative = SYNCBN_MOMENTUM_CUMULATIVE;
+
+// COLLECTIVE: a plan on comm; failure is recorded, not thrown.
+PlanHandle make_plan(syncbn_comm_t comm, const syncbn_config_t& cfg) {
+  syncbn_plan_t p = nullptr;
+  const syncbn_status_t s = syncbn_plan_create(comm, &cfg, &p);
+  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": syncbn_plan_create: " << syncbn_last_error();
+  return PlanHandle(s == SYNCBN_SUCCESS ? p : nullptr);
+}
+
+syncbn_config_t default_config(bool track = true) {
+  syncbn_config_t cfg;
+  syncbn_config_init(&cfg, kC, SYNCBN_FLOAT32);
+  cfg.track_running_stats = track;
+  return cfg;
+}
+
+// Local batch sizes that differ per rank: 2 + rank samples of length 4.
+CallBuffers rank_buffers() { return CallBuffers(2 + world_rank(), kC, 4, test_seed(), world_rank()); }
+
+// COLLECTIVE: a correct call of op on every rank succeeds, after whatever failed before: nobody
+// is stuck and the call sequences are still aligned. Forward also updates the running
+// statistics identically everywhere.
+void expect_plan_still_works(syncbn_plan_t plan, Op op) {
+  CallBuffers buf = rank_buffers();
+  const int64_t nbt = buf.st.num_batches_tracked;
+  const syncbn_status_t s = call(op, buf.args(plan));
+  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": a correct " << op_name(op)
+                               << " after the failure: " << syncbn_last_error();
+  if (op == Op::kForward) {
+    EXPECT_EQ(buf.st.num_batches_tracked, nbt + 1) << rank_tag();
+    EXPECT_TRUE(same_as_rank0("running_mean", buf.st.running_mean, MPI_COMM_WORLD)) << rank_tag();
+    EXPECT_TRUE(same_as_rank0("running_var", buf.st.running_var, MPI_COMM_WORLD)) << rank_tag();
+  }
+}
+
+// ---- one rank's bad argument fails the call on every rank ------------------------------------
+
+struct BadArg {
+  const char* name;
+  Op op;
+  void (*mutate)(CallArgs&);
+  const char* word;  // what the message must name besides the rank ("" for shape errors)
+};
+
+const int64_t kShapeWrongC[] = {2, kC + 1, 4};
+const int64_t kShapeNegL[] = {2, kC, -4};
+const int64_t kShape6d[] = {2, kC, 1, 1, 1, 4};
+void* const kBogusStream = reinterpret_cast<void*>(uintptr_t{0x1000});
+
+const BadArg kBadArgs[] = {
+    {"fwd_weight_null", Op::kForward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
+    {"fwd_bias_null", Op::kForward, [](CallArgs& a) { a.bias = nullptr; }, "bias"},
+    {"fwd_running_mean_null", Op::kForward, [](CallArgs& a) { a.running_mean = nullptr; },
+     "running_mean"},
+    {"fwd_running_var_null", Op::kForward, [](CallArgs& a) { a.running_var = nullptr; },
+     "running_var"},
+    {"fwd_x_null", Op::kForward, [](CallArgs& a) { a.x = nullptr; }, "x"},
+    {"fwd_y_null", Op::kForward, [](CallArgs& a) { a.y = nullptr; }, "y"},
+    {"fwd_shape_null", Op::kForward, [](CallArgs& a) { a.shape = nullptr; }, "shape"},
+    {"fwd_wrong_C", Op::kForward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
+    {"fwd_negative_dim", Op::kForward, [](CallArgs& a) { a.shape = kShapeNegL; }, ""},
+    {"fwd_ndim_1", Op::kForward, [](CallArgs& a) { a.ndim = 1; }, "ndim"},
+    {"fwd_ndim_6", Op::kForward,
+     [](CallArgs& a) {
+       a.ndim = 6;
+       a.shape = kShape6d;
+     },
+     "ndim"},
+    {"fwd_stream", Op::kForward, [](CallArgs& a) { a.stream = kBogusStream; }, "stream"},
+    {"bwd_x_null", Op::kBackward, [](CallArgs& a) { a.x = nullptr; }, "x"},
+    {"bwd_dy_null", Op::kBackward, [](CallArgs& a) { a.dy = nullptr; }, "dy"},
+    {"bwd_dx_null", Op::kBackward, [](CallArgs& a) { a.dx = nullptr; }, "dx"},
+    {"bwd_weight_null", Op::kBackward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
+    {"bwd_save_mean_null", Op::kBackward, [](CallArgs& a) { a.bsave_mean = nullptr; },
+     "save_mean"},
+    {"bwd_save_invstd_null", Op::kBackward, [](CallArgs& a) { a.bsave_invstd = nullptr; },
+     "save_invstd"},
+    {"bwd_wrong_C", Op::kBackward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
+    {"bwd_stream", Op::kBackward, [](CallArgs& a) { a.stream = kBogusStream; }, "stream"},
+    // Eval without running statistics is collective (batch statistics of the group).
+    {"eval_notrack_weight_null", Op::kInference, [](CallArgs& a) { a.weight = nullptr; },
+     "weight"},
+    {"eval_notrack_y_null", Op::kInference, [](CallArgs& a) { a.y = nullptr; }, "y"},
+    {"eval_notrack_wrong_C", Op::kInference, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
+};
+
+void PrintTo(const BadArg& b, std::ostream* os) { *os << b.name; }
+
+enum class Which { kFirst, kLast };
+void PrintTo(Which w, std::ostream* os) { *os << (w == Which::kFirst ? "first" : "last"); }
+using BadArgParam = std::tuple<BadArg, Which>;
+
+class BadArgOnOneRank : public ::testing::TestWithParam<BadArgParam> {};
+
+TEST_P(BadArgOnOneRank, FailsEverywhereNamingRankAndArgument) {
+  const auto& [tc, which] = GetParam();
+  const int P = world_size(), rank = world_rank();
+  const int bad = which == Which::kFirst ? 0 : P - 1;
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config(tc.op != Op::kInference));
+
+  CallBuffers buf = rank_buffers();
+  const CallBuffers before = buf;
+  CallArgs args = buf.args(plan.get());
+  if (rank == bad) tc.mutate(args);
+  const syncbn_status_t s = call(tc.op, args);
+
+  SCOPED_TRACE(rank_tag() + " of " + std::to_string(P) + ", bad rank " + std::to_string(bad));
+  EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << syncbn_last_error();
+  EXPECT_TRUE(message_names({"rank " + std::to_string(bad), tc.word}));
+  EXPECT_TRUE(buf.unchanged_since(before));
+
+  expect_plan_still_works(plan.get(), tc.op);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, BadArgOnOneRank,
+                         ::testing::Combine(::testing::ValuesIn(kBadArgs),
+                                            ::testing::Values(Which::kFirst, Which::kLast)),
+                         [](const ::testing::TestParamInfo<BadArgParam>& info) {
+                           return std::string(std::get<0>(info.param).name) +
+                                  (std::get<1>(info.param) == Which::kFirst ? "_on_first_rank"
+                                                                            : "_on_last_rank");
+                         });
+
+// Every rank has a bad argument of its own: still one status everywhere.
+TEST(BadArgs, OnEveryRank) {
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config());
+  CallBuffers buf = rank_buffers();
+  const CallBuffers before = buf;
+  CallArgs args = buf.args(plan.get());
+  const bool even = world_rank() % 2 == 0;
+  if (even)
+    args.weight = nullptr;
+  else
+    args.running_var = nullptr;
+  EXPECT_EQ(call(Op::kForward, args), SYNCBN_ERROR_INVALID_ARGUMENT) << rank_tag();
+  // The message format for several bad ranks is the library's; it must name this rank's own.
+  EXPECT_TRUE(message_names({even ? "weight" : "running_var"}));
+  EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// Eval with running statistics is local: a bad argument fails that rank only.
+TEST(BadArgs, EvalWithTrackingIsLocal) {
+  const int P = world_size();
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config(true));
+  CallBuffers buf = rank_buffers();
+  CallArgs args = buf.args(plan.get());
+  const bool bad = world_rank() == P - 1;
+  if (bad) args.running_var = nullptr;
+  EXPECT_EQ(call(Op::kInference, args),
+            bad ? SYNCBN_ERROR_INVALID_ARGUMENT : SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  if (bad) {
+    EXPECT_TRUE(message_names({"running_var"}));
+  }
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// No communicator from MPI_COMM_NULL, nor without a place for the handle (every rank alike).
+TEST(CommCreate, BadArguments) {
+  syncbn_comm_t c = nullptr;
+  EXPECT_EQ(syncbn_comm_create_mpi(MPI_COMM_NULL, &c), SYNCBN_ERROR_INVALID_ARGUMENT)
+      << rank_tag();
+  EXPECT_EQ(c, nullptr) << rank_tag();
+  EXPECT_EQ(syncbn_comm_create_mpi(MPI_COMM_WORLD, nullptr), SYNCBN_ERROR_INVALID_ARGUMENT)
+      << rank_tag();
+  CommHandle comm = world_comm();  // and a good one still works afterwards
+  PlanHandle plan = make_plan(comm.get(), default_config());
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// ---- plan creation --------------------------------------------------------------------------
+
+struct ConfigChange {
+  const char* name;
+  void (*mutate)(syncbn_config_t&);
+  const char* field;  // what the message must name
+};
+void PrintTo(const ConfigChange& c, std::ostream* os) { *os << c.name; }
+
+const ConfigChange kMismatches[] = {
+    {"num_features", [](syncbn_config_t& c) { c.num_features += 1; }, "num_features"},
+    {"eps", [](syncbn_config_t& c) { c.eps = 1e-3; }, "eps"},
+    {"layout", [](syncbn_config_t& c) { c.layout = SYNCBN_CHANNELS_LAST; }, "layout"},
+    {"dtype", [](syncbn_config_t& c) { c.dtype = SYNCBN_FLOAT64; }, "dtype"},
+    {"momentum", [](syncbn_config_t& c) { c.momentum = 0.2; }, "momentum"},
+    {"momentum_cumulative", [](syncbn_config_t& c) { c.momentum = kCumulative; }, "momentum"},
+    {"affine", [](syncbn_config_t& c) { c.affine = 0; }, "affine"},
+    {"track_running_stats", [](syncbn_config_t& c) { c.track_running_stats = 0; },
+     "track_running_stats"},
+    {"global_param_grads", [](syncbn_config_t& c) { c.global_param_grads = 1; },
+     "global_param_grads"},
+};
+
+class ConfigMismatch : public ::testing::TestWithParam<ConfigChange> {};
+
+// The last rank's configuration differs in one field: CONFIG_MISMATCH on every rank.
+TEST_P(ConfigMismatch, FailsEverywhereNamingTheField) {
+  const int P = world_size();
+  if (P < 2) GTEST_SKIP() << "needs 2 or more ranks";
+  const ConfigChange& tc = GetParam();
+  CommHandle comm = world_comm();
+  syncbn_config_t cfg = default_config();
+  if (world_rank() == P - 1) tc.mutate(cfg);
+  syncbn_plan_t p = nullptr;
+  const syncbn_status_t s = syncbn_plan_create(comm.get(), &cfg, &p);
+  PlanHandle bad(s == SYNCBN_SUCCESS ? p : nullptr);
+  EXPECT_EQ(s, SYNCBN_ERROR_CONFIG_MISMATCH) << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_TRUE(message_names({tc.field}));
+
+  PlanHandle good = make_plan(comm.get(), default_config());
+  expect_plan_still_works(good.get(), Op::kForward);
+}
+INSTANTIATE_TEST_SUITE_P(All, ConfigMismatch, ::testing::ValuesIn(kMismatches),
+                         [](const ::testing::TestParamInfo<ConfigChange>& info) {
+                           return std::string(info.param.name);
+                         });
+
+// NaN (cumulative momentum) on every rank is agreement, not a mismatch.
+TEST(ConfigAgreement, CumulativeMomentumOnEveryRank) {
+  CommHandle comm = world_comm();
+  syncbn_config_t cfg = default_config();
+  cfg.momentum = kCumulative;
+  cfg.layout = SYNCBN_CHANNELS_LAST;
+  cfg.eps = 1e-3;
+  PlanHandle plan = make_plan(comm.get(), cfg);
+  EXPECT_NE(plan, nullptr) << rank_tag();
+}
+
+const ConfigChange kInvalidConfigs[] = {
+    {"C_zero", [](syncbn_config_t& c) { c.num_features = 0; }, "num_features"},
+    {"C_negative", [](syncbn_config_t& c) { c.num_features = -1; }, "num_features"},
+    {"eps_zero", [](syncbn_config_t& c) { c.eps = 0; }, "eps"},
+    {"eps_nan", [](syncbn_config_t& c) { c.eps = std::numeric_limits<double>::quiet_NaN(); },
+     "eps"},
+    {"momentum_2", [](syncbn_config_t& c) { c.momentum = 2; }, "momentum"},
+    {"momentum_negative", [](syncbn_config_t& c) { c.momentum = -0.5; }, "momentum"},
+};
+
+class InvalidConfigOnOneRank : public ::testing::TestWithParam<ConfigChange> {};
+
+// The last rank's configuration is invalid: INVALID_ARGUMENT on every rank, naming rank and field.
+TEST_P(InvalidConfigOnOneRank, FailsEverywhereNamingRankAndField) {
+  const int P = world_size();
+  const ConfigChange& tc = GetParam();
+  CommHandle comm = world_comm();
+  syncbn_config_t cfg = default_config();
+  if (world_rank() == P - 1) tc.mutate(cfg);
+  syncbn_plan_t p = nullptr;
+  const syncbn_status_t s = syncbn_plan_create(comm.get(), &cfg, &p);
+  PlanHandle bad(s == SYNCBN_SUCCESS ? p : nullptr);
+  EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_TRUE(message_names({"rank " + std::to_string(P - 1), tc.field}));
+
+  PlanHandle good = make_plan(comm.get(), default_config());
+  expect_plan_still_works(good.get(), Op::kForward);
+}
+INSTANTIATE_TEST_SUITE_P(All, InvalidConfigOnOneRank, ::testing::ValuesIn(kInvalidConfigs),
+                         [](const ::testing::TestParamInfo<ConfigChange>& info) {
+                           return std::string(info.param.name);
+                         });
+
+// ---- global batch too small -----------------------------------------------------------------
+
+// Every rank has N = 0: m == 0 for forward, backward and collective eval.
+TEST(BatchTooSmall, GlobalCountZero) {
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config(true));
+  PlanHandle notrack = make_plan(comm.get(), default_config(false));
+  CallBuffers buf(0, kC, 4, test_seed(), world_rank());
+  const CallBuffers before = buf;
+  for (Op op : {Op::kForward, Op::kBackward}) {
+    EXPECT_EQ(call(op, buf.args(plan.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
+        << rank_tag() << ", " << op_name(op) << ": " << syncbn_last_error();
+    EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag() << ", " << op_name(op);
+  }
+  EXPECT_EQ(call(Op::kForward, buf.args(notrack.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
+      << rank_tag() << ", forward without tracking";
+  EXPECT_EQ(call(Op::kInference, buf.args(notrack.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
+      << rank_tag() << ", eval without tracking";
+  EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// One value per channel over the whole group (on the last rank): too small in training with
+// running statistics (the unbiased variance is undefined), fine without them.
+TEST(BatchTooSmall, GlobalCountOne) {
+  const int P = world_size(), rank = world_rank();
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config(true));
+  PlanHandle notrack = make_plan(comm.get(), default_config(false));
+  CallBuffers buf(rank == P - 1 ? 1 : 0, kC, 1, test_seed(), rank);
+  const CallBuffers before = buf;
+  EXPECT_EQ(call(Op::kForward, buf.args(plan.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
+      << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+
+  // Without tracking: mean = the one value, variance 0, y = bias.
+  EXPECT_EQ(call(Op::kForward, buf.args(notrack.get())), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  const CallBuffers last(1, kC, 1, test_seed(), P - 1);  // the last rank's data, on every rank
+  for (int64_t c = 0; c < kC; ++c) {
+    SCOPED_TRACE(rank_tag() + ", channel " + std::to_string(c));
+    if (rank == P - 1) {
+      EXPECT_FLOAT_EQ(buf.y[c], buf.st.bias[c]) << "y";
+    }
+    EXPECT_FLOAT_EQ(buf.save_mean[c], last.x[c]) << "save_mean";
+    EXPECT_NEAR(buf.save_invstd[c], 1.0 / std::sqrt(1e-5), 1e-2) << "save_invstd";
+  }
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// ---- split ----------------------------------------------------------------------------------
+
+// A group size that does not divide the world, or is not positive: INVALID_ARGUMENT everywhere.
+TEST(Split, BadGroupSizeFailsEverywhere) {
+  const int P = world_size();
+  CommHandle comm = world_comm();
+  const int not_dividing = P == 4 ? 3 : P == 3 ? 2 : P + 1;
+  for (int k : {not_dividing, 0, -1}) {
+    syncbn_comm_t sub = nullptr;
+    const syncbn_status_t s = syncbn_comm_split(comm.get(), k, &sub);
+    CommHandle owned(s == SYNCBN_SUCCESS ? sub : nullptr);
+    EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT)
+        << rank_tag() << ", split(" << k << ") of " << P << ": " << syncbn_last_error();
+  }
+  syncbn_comm_t one = nullptr;
+  EXPECT_EQ(syncbn_comm_split(comm.get(), 1, &one), SYNCBN_SUCCESS) << rank_tag();
+  CommHandle owned(one);
+}
+
+// Ranks passing different (each valid) group sizes: INVALID_ARGUMENT everywhere.
+TEST(Split, DisagreeingGroupSizesFailEverywhere) {
+  const int P = world_size();
+  if (P < 2) GTEST_SKIP() << "needs 2 or more ranks";
+  CommHandle comm = world_comm();
+  const int k = world_rank() == 0 ? 1 : P;
+  syncbn_comm_t sub = nullptr;
+  const syncbn_status_t s = syncbn_comm_split(comm.get(), k, &sub);
+  CommHandle owned(s == SYNCBN_SUCCESS ? sub : nullptr);
+  EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << rank_tag() << ", split(" << k << ")";
+  PlanHandle plan = make_plan(comm.get(), default_config());
+  expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// Groups are independent: a bad argument in one group fails that group only.
+TEST(Split, ErrorStaysInItsGroup) {
+  const int P = world_size(), rank = world_rank();
+  if (P < 4 || P % 2 != 0) GTEST_SKIP() << "needs an even world of 4 or more ranks";
+  CommHandle world = world_comm();
+  syncbn_comm_t s = nullptr;
+  EXPECT_EQ(syncbn_comm_split(world.get(), 2, &s), SYNCBN_SUCCESS) << rank_tag();
+  CommHandle pairs(s);
+  PlanHandle plan = make_plan(pairs.get(), default_config());
+  CallBuffers buf = rank_buffers();
+  CallArgs args = buf.args(plan.get());
+  if (rank == P - 1) args.weight = nullptr;
+  const bool in_bad_group = rank / 2 == (P - 1) / 2;
+  EXPECT_EQ(call(Op::kForward, args),
+            in_bad_group ? SYNCBN_ERROR_INVALID_ARGUMENT : SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  if (in_bad_group) {
+    EXPECT_TRUE(message_names({"weight"}));
+  }
+  CallBuffers again = rank_buffers();
+  EXPECT_EQ(call(Op::kForward, again.args(plan.get())), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+}
+
+// ---- divergent call sequences ----------------------------------------------------------------
+
+// Rank 1 makes another call than its peers. A parameterized suite, so that it runs after the
+// plain TESTs and the suites above (a library that hangs here loses no other result). After the
+// mismatch the test stops using its plans.
+enum class Divergence {
+  kForwardMeetsBackward,      // rank 1 skips a forward and goes straight to backward
+  kTrainingMeetsEval,         // no tracking: eval is collective; rank 1 is in eval mode
+  kAnotherPlanSameConfig,     // rank 1 calls another layer's forward (same configuration)
+  kAnotherPlanOtherEps,       // ... a layer that differs in eps only (same buffer size)
+  kAnotherPlanAfterGoodStep,  // after one good step: rank 1 calls B's first, peers A's second
+};
+
+void PrintTo(Divergence d, std::ostream* os) { *os << static_cast<int>(d); }
+
+class CallMismatch : public ::testing::TestWithParam<Divergence> {};
+
+TEST_P(CallMismatch, FailsEveryRankThatTookPart) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 or more ranks";
+  const Divergence d = GetParam();
+  const bool odd_one = world_rank() == 1;
+  CommHandle comm = world_comm();
+  syncbn_config_t cfg_a = default_config(d != Divergence::kTrainingMeetsEval);
+  syncbn_config_t cfg_b = cfg_a;
+  if (d == Divergence::kAnotherPlanOtherEps) cfg_b.eps = 1e-3;
+  PlanHandle a = make_plan(comm.get(), cfg_a);
+  PlanHandle b = make_plan(comm.get(), cfg_b);
+  if (d == Divergence::kAnotherPlanAfterGoodStep) expect_plan_still_works(a.get(), Op::kForward);
+
+  Op op = Op::kForward;
+  syncbn_plan_t plan = a.get();
+  switch (d) {
+    case Divergence::kForwardMeetsBackward:
+      if (odd_one) op = Op::kBackward;
+      break;
+    case Divergence::kTrainingMeetsEval:
+      if (odd_one) op = Op::kInference;
+      break;
+    default:
+      if (odd_one) plan = b.get();
+      break;
+  }
+  CallBuffers buf = rank_buffers();
+  const CallBuffers before = buf;
+  EXPECT_EQ(call(op, buf.args(plan)), SYNCBN_ERROR_CALL_MISMATCH)
+      << rank_tag() << ", " << op_name(op) << ": " << syncbn_last_error();
+  EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CallMismatch,
+                         ::testing::Values(Divergence::kForwardMeetsBackward,
+                                           Divergence::kTrainingMeetsEval,
+                                           Divergence::kAnotherPlanSameConfig,
+                                           Divergence::kAnotherPlanOtherEps,
+                                           Divergence::kAnotherPlanAfterGoodStep),
+                         [](const ::testing::TestParamInfo<Divergence>& info) {
+                           switch (info.param) {
+                             case Divergence::kForwardMeetsBackward: return "ForwardMeetsBackward";
+                             case Divergence::kTrainingMeetsEval: return "TrainingMeetsEval";
+                             case Divergence::kAnotherPlanSameConfig: return "AnotherPlanSameConfig";
+                             case Divergence::kAnotherPlanOtherEps: return "AnotherPlanOtherEps";
+                             case Divergence::kAnotherPlanAfterGoodStep:
+                               return "AnotherPlanAfterGoodStep";
+                           }
+                           return "unknown";
+                         });
+
+}  // namespace
