@@ -877,6 +877,7 @@ const int64_t kShapeOverflow[] = {int64_t{1} << 40, 3, int64_t{1} << 40};
 
 constexpr auto kInvalid = SYNCBN_ERROR_INVALID_ARGUMENT;
 constexpr auto kTooSmall = SYNCBN_ERROR_BATCH_TOO_SMALL;
+int64_t g_negative_count = -1;  // a corrupted num_batches_tracked
 
 const ArgCase kArgCases[] = {
     // forward, training
@@ -894,6 +895,9 @@ const ArgCase kArgCases[] = {
      [](CallArgs& a) { a.num_batches_tracked = nullptr; }, kInvalid, "num_batches_tracked", true},
     {"fwd_null_num_batches_tracked_momentum_ok", Op::kForward,
      [](CallArgs& a) { a.num_batches_tracked = nullptr; }, SYNCBN_SUCCESS, ""},
+    {"fwd_negative_num_batches_tracked", Op::kForward,
+     [](CallArgs& a) { a.num_batches_tracked = &g_negative_count; }, kInvalid,
+     "num_batches_tracked"},
     {"fwd_null_save_stats_ok", Op::kForward,
      [](CallArgs& a) { a.save_mean = a.save_invstd = nullptr; }, SYNCBN_SUCCESS, ""},
     {"fwd_null_shape", Op::kForward, [](CallArgs& a) { a.shape = nullptr; }, kInvalid, "shape"},

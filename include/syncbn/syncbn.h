@@ -9,15 +9,15 @@
  * over every rank of the group; the full contract is in DESIGN.md section 1):
  *   per channel c, over the m = sum_r N_r * S_r values of all ranks r of the group:
  *     mean_c   = (1/m) sum x
- *     var_c    = (1/m) sum x^2 - mean_c^2          (biased; used for normalizing)
+ *     var_c    = max((1/m) sum x^2 - mean_c^2, 0)  (biased; used for normalizing)
  *     invstd_c = 1 / sqrt(var_c + eps)
  *     y        = (x - mean_c) * invstd_c * weight_c + bias_c
  *     running_mean = (1 - a) running_mean + a mean_c
  *     running_var  = (1 - a) running_var  + a var_c m / (m - 1)   (unbiased, global m)
  *   with a = momentum, or 1 / num_batches_tracked when momentum is SYNCBN_MOMENTUM_CUMULATIVE.
- * Local sums are accumulated in fp64 and ONE allreduce(SUM) of an fp64 buffer of 2C + 1 + 11
- * values combines them, whatever the number of ranks. Backward likewise makes one allreduce of
- * [sum dy | sum dy (x - mean) | m | guards].
+ * Local sums are accumulated in fp64 and ONE allreduce(SUM) of an fp64 buffer of 2C + 18
+ * values ([17 guard slots | sum x | sum x^2 | m]) combines them, whatever the number of ranks.
+ * Backward likewise makes one allreduce of [guards | sum dy | sum dy (x - mean) | m].
  *
  * Shapes and layouts. A tensor is described by ndim (2 to 5) and shape[ndim], dense and
  * contiguous in the plan's layout:
@@ -39,8 +39,22 @@
  * forever (DESIGN.md section 2). A failed call changes no running statistic and no
  * num_batches_tracked, on any rank. Call fingerprints (plan, operation, sequence number) travel
  * with every allreduce, so a rank that skipped a call or called another layer makes every rank
- * fail with SYNCBN_ERROR_CALL_MISMATCH. The exception is a NULL plan handle: that rank has no
- * group to tell, returns SYNCBN_ERROR_INVALID_ARGUMENT at once, and its peers will wait.
+ * fail with SYNCBN_ERROR_CALL_MISMATCH; the plan's call sequence is then out of step and the
+ * plan must be destroyed and created again. (Ranks in calls of plans with different C pass
+ * allreduces of different lengths, which MPI itself may report as SYNCBN_ERROR_COMM or not at
+ * all: the check is best effort there.) The exceptions are a NULL plan or communicator handle:
+ * that rank has no group to tell, returns SYNCBN_ERROR_INVALID_ARGUMENT at once, and its peers
+ * will wait.
+ *
+ * Precision. Local sums are fp64 around a per-rank shift (no cancellation over millions of
+ * values); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7 relative. Outputs are
+ * (x - center) * scale + shift with the rounding of center folded into shift in fp64. Saved
+ * statistics are of the parameter type, so backward of fp32 data centers on the fp32-rounded
+ * mean: dweight and the projection term of dx carry a relative error of about
+ * 6e-8 * |mean| / std (as in cuDNN and PyTorch).
+ *
+ * Bitwise-identical running statistics across ranks rely on the allreduce returning the same
+ * sums on every rank, as MPI advises and Open MPI and MPICH do.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
  * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per
@@ -52,8 +66,10 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(_WIN32)
+#if defined(_WIN32) && defined(SYNCBN_BUILDING)
 #define SYNCBN_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define SYNCBN_API __declspec(dllimport)
 #elif defined(__GNUC__)
 #define SYNCBN_API __attribute__((visibility("default")))
 #else
@@ -150,7 +166,8 @@ SYNCBN_API syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t n
    plain batch norm. */
 SYNCBN_API syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm);
 
-/* COLLECTIVE over parent. Splits parent into consecutive groups of group_size ranks
+/* COLLECTIVE over parent (a NULL parent fails locally and its peers wait). Splits parent into
+   consecutive groups of group_size ranks
    (ranks [0, k), [k, 2k), ...); *sub is this rank's group. Statistics of plans on *sub are
    shared within the group only. group_size must be >= 1, divide parent's size, and be the same
    on every rank (else SYNCBN_ERROR_INVALID_ARGUMENT on every rank). */
@@ -158,6 +175,8 @@ SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_siz
                                              syncbn_comm_t* sub);
 
 /* Releases the handle. Plans made on it keep the communicator alive until they are destroyed.
+   The last release of an MPI communicator frees its duplicate with MPI_Comm_free, which MPI
+   defines as collective: release communicators and plans in the same order on every rank.
    NULL is accepted. */
 SYNCBN_API syncbn_status_t syncbn_comm_destroy(syncbn_comm_t comm);
 
@@ -166,18 +185,22 @@ SYNCBN_API syncbn_status_t syncbn_comm_size(syncbn_comm_t comm, int* size);
 
 /* ---- Plans ---------------------------------------------------------------------------------- */
 
-/* COLLECTIVE over comm (one allreduce). Validates config on every rank and checks that all
+/* COLLECTIVE over comm (one allreduce; a NULL comm fails locally and its peers wait).
+   num_features must be at most (INT_MAX - 64) / 2, so that the buffer fits one MPI call.
+   Validates config on every rank and checks that all
    ranks agree on num_features, dtype, layout, device, eps, momentum, affine,
    track_running_stats and global_param_grads. Errors (on every rank alike):
    SYNCBN_ERROR_INVALID_ARGUMENT (a rank's config is invalid: the message names rank and
    field), SYNCBN_ERROR_CONFIG_MISMATCH (valid but different: the message names the field),
-   SYNCBN_ERROR_NOT_SUPPORTED (dtype or device this build lacks). After creation, calls on the
+   SYNCBN_ERROR_NOT_SUPPORTED (dtype or device this build lacks), SYNCBN_ERROR_OUT_OF_MEMORY
+   (a rank could not allocate the plan). After creation, calls on the
    plan run no validation collective of their own: their checks ride on the one allreduce each
    call makes anyway. */
 SYNCBN_API syncbn_status_t syncbn_plan_create(syncbn_comm_t comm, const syncbn_config_t* config,
                                               syncbn_plan_t* plan);
 
-/* Not collective. NULL is accepted. */
+/* Releases the plan (and its reference to the communicator: see syncbn_comm_destroy).
+   NULL is accepted. */
 SYNCBN_API syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan);
 
 /* Copies the plan's configuration into *config. */
@@ -185,7 +208,7 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_con
 
 /* ---- Batch normalization -------------------------------------------------------------------- */
 
-/* COLLECTIVE (one allreduce of 2C + 12 doubles). Forward in training mode.
+/* COLLECTIVE (one allreduce of 2C + 18 doubles). Forward in training mode.
      x      [in]  data, shape[ndim] in the plan's layout and dtype
      weight [in]  C params (gamma); ignored (may be NULL) when affine is off
      bias   [in]  C params (beta);  ignored (may be NULL) when affine is off
@@ -194,23 +217,27 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_con
                   group, for syncbn_backward. May be NULL when no backward follows.
      running_mean, running_var [in/out] C params each; required when track_running_stats,
                   ignored otherwise
-     num_batches_tracked [in/out] required when track_running_stats and momentum is
+     num_batches_tracked [in/out] >= 0; required when track_running_stats and momentum is
                   SYNCBN_MOMENTUM_CUMULATIVE, optional (may be NULL) otherwise; incremented by
-                  one on success
+                  one on success when track_running_stats, ignored otherwise
      stream       must be NULL for CPU plans
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT, SYNCBN_ERROR_CALL_MISMATCH,
-   SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_COMM. On error, y, save_*, running_* and
-   num_batches_tracked are left as they were, on every rank. */
+   SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_OUT_OF_MEMORY, SYNCBN_ERROR_COMM. On error, y,
+   save_*, running_* and num_batches_tracked are left as they were, on every rank. */
 SYNCBN_API syncbn_status_t syncbn_forward_training(
     syncbn_plan_t plan, int ndim, const int64_t* shape, const void* x, const void* weight,
     const void* bias, void* y, void* save_mean, void* save_invstd, void* running_mean,
     void* running_var, int64_t* num_batches_tracked, void* stream);
 
 /* Forward in evaluation mode:
-   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. Local, no communication,
-   when track_running_stats is on. When it is off, there are no running statistics and this is
+   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+   With track_running_stats on: local, no communication. x, y (unless the tensor is empty),
+   running_mean, running_var and, when affine, weight and bias are required; a bad argument is
+   SYNCBN_ERROR_INVALID_ARGUMENT on this rank only (no peer waits). The plan's call sequence
+   does not advance.
+   With track_running_stats off there are no running statistics, and this is
    syncbn_forward_training without saved statistics: COLLECTIVE, batch statistics of the group
-   (PyTorch's behaviour), running_mean / running_var ignored. */
+   (PyTorch's behaviour), running_mean / running_var ignored, errors as there. */
 SYNCBN_API syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim,
                                                     const int64_t* shape, const void* x,
                                                     const void* weight, const void* bias,
@@ -218,17 +245,18 @@ SYNCBN_API syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim
                                                     const void* running_var, void* y,
                                                     void* stream);
 
-/* COLLECTIVE (one allreduce of 2C + 12 doubles). Backward of syncbn_forward_training.
+/* COLLECTIVE (one allreduce of 2C + 18 doubles). Backward of syncbn_forward_training.
      x, dy  [in]  same shape, layout and dtype as the forward input
      weight [in]  C params; ignored (may be NULL) when affine is off
      save_mean, save_invstd [in] C params each, as written by syncbn_forward_training
      dx     [out] same shape as x; may equal dy (in place)
-     dweight, dbias [out] C params each, optional (NULL: not computed; always NULL-able when
-                  affine is off). Local to this rank unless global_param_grads:
+     dweight, dbias [out] C params each, optional (NULL: not computed); ignored when affine
+                  is off. Local to this rank unless global_param_grads:
                   dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy).
    dx = weight * invstd * (dy - sum_g / m - (x - mean) * invstd^2 * sum_gx / m), with
    sum_g = sum dy and sum_gx = sum dy (x - mean) over the whole group.
-   Errors: as syncbn_forward_training; SYNCBN_ERROR_BATCH_TOO_SMALL when m == 0. */
+   Errors: as syncbn_forward_training; SYNCBN_ERROR_BATCH_TOO_SMALL when m == 0. On error, dx,
+   dweight and dbias are left as they were. */
 SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* shape,
                                            const void* x, const void* dy, const void* weight,
                                            const void* save_mean, const void* save_invstd,

@@ -149,8 +149,10 @@ syncbn_status_t syncbn_plan_create(syncbn_comm_t comm, const syncbn_config_t* co
                                    syncbn_plan_t* plan) {
   return guarded([&] {
     if (comm == nullptr) syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "comm is null");
-    auto impl = syncbn::core::Plan::create(comm->impl, config, plan == nullptr);
-    *plan = new syncbn_plan_s{std::move(impl)};
+    std::unique_ptr<syncbn_plan_s> handle(new (std::nothrow) syncbn_plan_s{});
+    auto impl = syncbn::core::Plan::create(comm->impl, config, plan == nullptr, !handle);
+    handle->impl = std::move(impl);
+    *plan = handle.release();
   });
 }
 

@@ -36,6 +36,7 @@ const char* arg_name(Arg arg) {
     case Arg::group_size: return "group_size";
     case Arg::plan: return "plan";
     case Arg::sub: return "sub";
+    case Arg::memory: return "memory";
   }
   return "(unknown argument)";
 }
@@ -69,6 +70,7 @@ std::string describe(Arg arg, Problem problem) {
     case Problem::not_divisor: return name + " must be >= 1 and divide the communicator size";
     case Problem::disagrees: return name + " differs across ranks";
     case Problem::invalid_enum: return name + " is not a valid enumeration value";
+    case Problem::out_of_memory: return "out of memory";
   }
   return name + ": invalid";
 }
@@ -77,6 +79,7 @@ syncbn_status_t status_of(Problem problem) {
   switch (problem) {
     case Problem::unsupported: return SYNCBN_ERROR_NOT_SUPPORTED;
     case Problem::disagrees: return SYNCBN_ERROR_CONFIG_MISMATCH;
+    case Problem::out_of_memory: return SYNCBN_ERROR_OUT_OF_MEMORY;
     default: return SYNCBN_ERROR_INVALID_ARGUMENT;
   }
 }
@@ -150,18 +153,18 @@ bool agreed48(const double* slots, int group_size) {
 }
 
 void put_fingerprint(double* slots, const Fingerprint& fp) {
-  put_agree(slots, fp.plan);
-  put_agree(slots + kAgreeSlots, static_cast<std::uint32_t>(fp.op));
-  put_agree(slots + 2 * kAgreeSlots, static_cast<std::uint32_t>(fp.seq));
+  put_agree48(slots, fp.plan);
+  put_agree(slots + kAgree48Slots, static_cast<std::uint32_t>(fp.op));
+  put_agree(slots + kAgree48Slots + kAgreeSlots, static_cast<std::uint32_t>(fp.seq));
 }
 
 void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine) {
   const char* what = nullptr;
-  if (!agreed(slots, group_size)) {
+  if (!agreed48(slots, group_size)) {
     what = "another plan (layer)";
-  } else if (!agreed(slots + kAgreeSlots, group_size)) {
+  } else if (!agreed(slots + kAgree48Slots, group_size)) {
     what = "another operation (forward vs backward, training vs inference)";
-  } else if (!agreed(slots + 2 * kAgreeSlots, group_size)) {
+  } else if (!agreed(slots + kAgree48Slots + kAgreeSlots, group_size)) {
     what = "another call of the sequence (a rank skipped or repeated a call)";
   }
   if (what == nullptr) return;
@@ -169,7 +172,8 @@ void check_fingerprint(const double* slots, int group_size, const Fingerprint& m
   fail(SYNCBN_ERROR_CALL_MISMATCH,
        std::string("call mismatch: ranks of the group are in different calls, some in ") + what +
            "; this rank is in " + op_names[static_cast<int>(mine.op) & 3] + " call #" +
-           std::to_string(mine.seq) + " of its plan");
+           std::to_string(mine.seq) + " of its plan. The plan's call sequence is now out of "
+           "step across ranks: destroy it and create it again");
 }
 
 void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint& fp) {

@@ -26,6 +26,7 @@ enum class Arg : std::uint16_t {
   x, y, weight, bias, save_mean, save_invstd, running_mean, running_var, num_batches_tracked,
   dy, dx, dweight, dbias, shape, ndim, stream,
   config, num_features, dtype, layout, device, eps, momentum, group_size, plan, sub,
+  memory,
 };
 
 // What is wrong with it. Values are part of the wire format: append only.
@@ -42,6 +43,7 @@ enum class Problem : std::uint16_t {
   not_divisor,     // group_size does not divide the communicator size
   disagrees,       // the ranks passed different values
   invalid_enum,    // not one of the enumeration's values
+  out_of_memory,   // an allocation failed (SYNCBN_ERROR_OUT_OF_MEMORY)
 };
 
 // A rank's own finding about its arguments. detail is extra text for this rank's message only.
@@ -76,19 +78,21 @@ constexpr std::size_t kAgree48Slots = 4 * kAgreeSlots;
 void put_agree48(double* slots, std::uint64_t v);
 bool agreed48(const double* slots, int group_size);
 
-// Which call a rank is in: plan tag, operation, call sequence number (each reduced to 12 bits).
+// Which call a rank is in: plan tag (48 bits: creation serial and configuration, so two layers
+// collide with probability 2^-48), operation, call sequence number (12 bits).
 enum class Op : std::uint32_t { forward_training = 1, forward_inference = 2, backward = 3 };
 struct Fingerprint {
-  std::uint32_t plan = 0;
+  std::uint64_t plan = 0;
   Op op = Op::forward_training;
   std::uint64_t seq = 0;
 };
-constexpr std::size_t kFingerprintSlots = 3 * kAgreeSlots;
+constexpr std::size_t kFingerprintSlots = kAgree48Slots + 2 * kAgreeSlots;
 void put_fingerprint(double* slots, const Fingerprint& fp);
 // Throws Failure(SYNCBN_ERROR_CALL_MISMATCH) on every rank if any rank is in another call.
 void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine);
 
-// Everything a per-call packed buffer carries after its data.
+// Everything a per-call packed buffer carries, at its start: at a fixed offset, so that even
+// ranks in calls of different plans (different C) compare the same slots.
 constexpr std::size_t kGuardSlots = kErrorSlots + kFingerprintSlots;
 void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint& fp);
 // Participation, then fingerprints (a rank in another call makes its error record

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "core/error.hpp"
@@ -12,8 +13,10 @@
 namespace syncbn::core {
 namespace {
 
-// Arrays of C values in a plan's scratch (each sized for the widest parameter type, double).
+// Arrays of C values of the parameter type in a plan's scratch.
 constexpr int kScratchArrays = 6;
+// C at most this, so that the packed buffer's count fits the int of MPI_Allreduce.
+constexpr std::int64_t kMaxFeatures = (std::numeric_limits<int>::max() - 64) / 2;
 // Fields every rank must agree on at plan creation, in this order.
 constexpr int kConfigFields = 9;
 constexpr const char* kConfigFieldNames[kConfigFields] = {
@@ -106,7 +109,7 @@ ArgError validate_config(const syncbn_config_t& c) {
   require(err, c.eps > 0.0 && std::isfinite(c.eps), Arg::eps, Problem::not_positive);
   require(err, std::isnan(c.momentum) || (c.momentum >= 0.0 && c.momentum <= 1.0), Arg::momentum,
           Problem::out_of_range);
-  require(err, c.num_features <= (std::int64_t{1} << 40), Arg::num_features, Problem::overflow);
+  require(err, c.num_features <= kMaxFeatures, Arg::num_features, Problem::overflow);
   // Valid requests this build cannot serve.
   require(err, c.dtype == SYNCBN_FLOAT32 || c.dtype == SYNCBN_FLOAT64, Arg::dtype,
           Problem::unsupported);
@@ -115,7 +118,8 @@ ArgError validate_config(const syncbn_config_t& c) {
 }
 
 std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
-                                   const syncbn_config_t* config, bool plan_out_null) {
+                                   const syncbn_config_t* config, bool plan_out_null,
+                                   bool out_of_memory) {
   ArgError err;
   require(err, config != nullptr, Arg::config);
   require(err, !plan_out_null, Arg::plan);
@@ -124,41 +128,61 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
 
   std::uint64_t fields[kConfigFields];
   config_fields(c, fields);
-  std::vector<double> buffer(kErrorSlots + kConfigFields * kAgree48Slots, 0.0);
-  put_error_record(buffer.data(), comm->rank(), err);
-  for (int i = 0; i < kConfigFields; ++i) {
-    put_agree48(buffer.data() + kErrorSlots + i * kAgree48Slots, fields[i]);
-  }
-  const std::uint32_t serial = comm->next_plan_serial();
-  comm->allreduce_sum(buffer.data(), buffer.size(), nullptr);
+  std::uint64_t tag = mix(comm->next_plan_serial());
+  for (std::uint64_t f : fields) tag = mix(tag ^ f);
 
-  check_error_record(buffer.data(), comm->size(), comm->rank(), err);
+  // Allocate before the collective: a rank that runs out of memory must say so in it.
+  std::unique_ptr<Plan> plan;
+  require(err, !out_of_memory, Arg::memory, Problem::out_of_memory);
+  if (!err) {
+    try {
+      plan.reset(new Plan(comm, c, tag));
+    } catch (const std::bad_alloc&) {
+      err = {Arg::memory, Problem::out_of_memory, {}};
+    }
+  }
+
+  double buffer[kErrorSlots + kConfigFields * kAgree48Slots];
+  put_error_record(buffer, comm->rank(), err);
   for (int i = 0; i < kConfigFields; ++i) {
-    if (!agreed48(buffer.data() + kErrorSlots + i * kAgree48Slots, comm->size())) {
+    put_agree48(buffer + kErrorSlots + i * kAgree48Slots, fields[i]);
+  }
+  comm->allreduce_sum(buffer, sizeof buffer / sizeof buffer[0], nullptr);
+
+  check_error_record(buffer, comm->size(), comm->rank(), err);
+  for (int i = 0; i < kConfigFields; ++i) {
+    if (!agreed48(buffer + kErrorSlots + i * kAgree48Slots, comm->size())) {
       fail(SYNCBN_ERROR_CONFIG_MISMATCH, std::string(kConfigFieldNames[i]) +
                                              " differs across ranks (rank " +
                                              std::to_string(comm->rank()) + " has " +
                                              field_value(c, i) + ")");
     }
   }
-  std::uint64_t h = mix(serial);
-  for (std::uint64_t f : fields) h = mix(h ^ f);
-  return std::unique_ptr<Plan>(
-      new Plan(std::move(comm), c, static_cast<std::uint32_t>(h) & kAgreeMask));
+  return plan;
 }
 
 Plan::Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-           std::uint32_t tag)
+           std::uint64_t tag)
     : comm_(std::move(comm)), config_(config), tag_(tag) {
   const auto C = static_cast<std::size_t>(config_.num_features);
-  buffer_.assign(2 * C + 1 + kGuardSlots, 0.0);
+  buffer_.assign(kGuardSlots + 2 * C + 1, 0.0);
   local_.assign(2 * C, 0.0);
-  scratch_.assign(kScratchArrays * C, 0.0);
+  if (config_.dtype == SYNCBN_FLOAT64) {
+    scratch64_.assign(kScratchArrays * C, 0.0);
+  } else {
+    scratch32_.assign(kScratchArrays * C, 0.0f);
+  }
+  cpu::reserve_workspace(workspace_, config_.num_features);
 }
 
 template <class T>
 T* Plan::scratch(int i) {
-  return reinterpret_cast<T*>(scratch_.data() + static_cast<std::size_t>(i) * config_.num_features);
+  const auto offset = static_cast<std::size_t>(i) * static_cast<std::size_t>(config_.num_features);
+  if constexpr (std::is_same_v<T, double>) {
+    return scratch64_.data() + offset;
+  } else {
+    return scratch32_.data() + offset;
+  }
 }
 
 ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
@@ -206,10 +230,19 @@ ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
 
 void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream) {
   const Fingerprint fp = next_fingerprint(op);
-  double* guards = buffer_.data() + data_slots;
-  put_guards(guards, comm_->rank(), mine, fp);
-  comm_->allreduce_sum(buffer_.data(), data_slots + kGuardSlots, stream);
-  check_guards(guards, comm_->size(), comm_->rank(), mine, fp);
+  put_guards(buffer_.data(), comm_->rank(), mine, fp);
+  comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots, stream);
+  check_guards(buffer_.data(), comm_->size(), comm_->rank(), mine, fp);
+}
+
+template <class F>
+void Plan::local_phase(ArgError& err, F&& compute) {
+  if (err) return;
+  try {
+    compute();
+  } catch (const std::bad_alloc&) {  // the workspace grew with the thread count
+    err = {Arg::memory, Problem::out_of_memory, {}};
+  }
 }
 
 template <class T>
@@ -229,23 +262,26 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   require(err, !track || a.running_var != nullptr, Arg::running_var);
   require(err, !track || !cumulative || a.num_batches_tracked != nullptr,
           Arg::num_batches_tracked);
+  require(err, !track || a.num_batches_tracked == nullptr || *a.num_batches_tracked >= 0,
+          Arg::num_batches_tracked, Problem::negative);
   require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
 
-  // [sum x (C) | sum x^2 (C) | m | guards]; a failing rank contributes zeros and its flag.
-  double* const sum = buffer_.data();
+  // [guards | sum x (C) | sum x^2 (C) | m]; a failing rank contributes zeros and its flag.
+  double* const sum = buffer_.data() + kGuardSlots;
   double* const sumsq = sum + C;
-  if (!err && count > 0) {
-    // Shift each channel by its first local value (outer index 0), then undo the shift in fp64.
-    T* const data_shift = scratch<T>(5);
-    for (std::int64_t c = 0; c < C; ++c) data_shift[c] = as<T>(a.x)[c * g.inner];
-    cpu::reduce_moments(g, as<T>(a.x), data_shift, sum, sumsq, workspace_);
-    for (std::int64_t c = 0; c < C; ++c) {
-      unshift_moments(sum[c], sumsq[c], static_cast<double>(count), data_shift[c]);
-    }
-  } else {
-    std::fill(sum, sum + 2 * C, 0.0);
+  std::fill(sum, sum + 2 * C, 0.0);
+  if (count > 0) {
+    local_phase(err, [&] {
+      // Shift each channel by its first local value (outer index 0), undo the shift in fp64.
+      T* const data_shift = scratch<T>(5);
+      for (std::int64_t c = 0; c < C; ++c) data_shift[c] = as<T>(a.x)[c * g.inner];
+      cpu::reduce_moments(g, as<T>(a.x), data_shift, sum, sumsq, workspace_);
+      for (std::int64_t c = 0; c < C; ++c) {
+        unshift_moments(sum[c], sumsq[c], static_cast<double>(count), data_shift[c]);
+      }
+    });
   }
-  sum[2 * C] = static_cast<double>(count);
+  sum[2 * C] = err ? 0.0 : static_cast<double>(count);
   exchange(2 * C + 1, err, op, a.stream);
 
   const double m = sum[2 * C];
@@ -338,15 +374,16 @@ void Plan::backward_typed(const BackwardArgs& a) {
 
   const T* const save_mean = as<T>(a.save_mean);
   const T* const save_invstd = as<T>(a.save_invstd);
-  // [sum dy (C) | sum dy (x - mean) (C) | m | guards]
-  double* const sum_g = buffer_.data();
+  // [guards | sum dy (C) | sum dy (x - mean) (C) | m]
+  double* const sum_g = buffer_.data() + kGuardSlots;
   double* const sum_gx = sum_g + C;
-  if (!err && count > 0) {
-    cpu::reduce_grad(g, as<T>(a.x), as<T>(a.dy), save_mean, sum_g, sum_gx, workspace_);
-  } else {
-    std::fill(sum_g, sum_g + 2 * C, 0.0);
+  std::fill(sum_g, sum_g + 2 * C, 0.0);
+  if (count > 0) {
+    local_phase(err, [&] {
+      cpu::reduce_grad(g, as<T>(a.x), as<T>(a.dy), save_mean, sum_g, sum_gx, workspace_);
+    });
   }
-  sum_g[2 * C] = static_cast<double>(count);
+  sum_g[2 * C] = err ? 0.0 : static_cast<double>(count);
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
   if (param_grads && !config_.global_param_grads) std::copy(sum_g, sum_g + 2 * C, local_.begin());
   exchange(2 * C + 1, err, Op::backward, a.stream);

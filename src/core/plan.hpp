@@ -56,9 +56,12 @@ ArgError validate_config(const syncbn_config_t& config);
 class Plan {
  public:
   // COLLECTIVE over comm. config may be NULL on a rank (that rank reports it); plan_out_null
-  // says the caller gave no place for the handle. Throws Failure, identically on every rank.
+  // says the caller gave no place for the handle, out_of_memory that the caller could not
+  // allocate its own part. Every allocation happens before the collective, so a rank out of
+  // memory reports it there. Throws Failure, identically on every rank.
   static std::unique_ptr<Plan> create(std::shared_ptr<comm::Communicator> comm,
-                                      const syncbn_config_t* config, bool plan_out_null);
+                                      const syncbn_config_t* config, bool plan_out_null,
+                                      bool out_of_memory);
 
   const syncbn_config_t& config() const { return config_; }
 
@@ -71,7 +74,7 @@ class Plan {
 
  private:
   Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-       std::uint32_t tag);
+       std::uint64_t tag);
 
   template <class T> void forward_batch_stats(const ForwardArgs& args, Op op);
   template <class T> void forward_running_stats(const ForwardArgs& args);
@@ -80,18 +83,23 @@ class Plan {
   // Checks shape against the plan; fills geometry and the per-channel count.
   ArgError check_shape(const TensorShape& shape, cpu::Geometry* geometry) const;
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
-  // Sums the packed buffer over the group and reaches the common verdict (throws on error).
+  // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws
+  // on error, identically on every rank).
   void exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream);
+  // Runs a call's local computation unless err is set; an allocation failure becomes err, so
+  // that this rank still enters the collective and reports it there.
+  template <class F> void local_phase(ArgError& err, F&& compute);
   // C values of type T in the plan's scratch, slot i of kScratchArrays.
   template <class T> T* scratch(int i);
 
   std::shared_ptr<comm::Communicator> comm_;
   syncbn_config_t config_;
-  std::uint32_t tag_;      // plan fingerprint: creation serial and config, 12 bits
+  std::uint64_t tag_;      // plan fingerprint: creation serial and config, 48 bits used
   std::uint64_t seq_ = 0;  // collective calls made on this plan
-  std::vector<double> buffer_;   // [data (2C + 1) | guard slots]
-  std::vector<double> local_;    // this rank's sums, kept across the allreduce (2C)
-  std::vector<double> scratch_;  // kScratchArrays arrays of C values
+  std::vector<double> buffer_;     // [guard slots | data (2C + 1)]
+  std::vector<double> local_;      // this rank's sums, kept across the allreduce (2C)
+  std::vector<float> scratch32_;   // kScratchArrays arrays of C values, FLOAT32 plans
+  std::vector<double> scratch64_;  // the same, FLOAT64 plans
   cpu::Workspace workspace_;
 };
 

@@ -17,42 +17,74 @@ int threads_for(std::int64_t elements) {
   return elements < kParallelMin ? 1 : std::max(1, omp_get_max_threads());
 }
 
+// Doubles between two threads' partial sums: 2C rounded up to a cache line, plus one line, so
+// that no two threads write to the same line.
+std::size_t partial_stride(std::int64_t channels) {
+  return (static_cast<std::size_t>(2 * channels) + 7) / 8 * 8 + 8;
+}
+
+// The static share [lo, hi) of n items for thread t of nt.
+void share(std::int64_t n, int t, int nt, std::int64_t& lo, std::int64_t& hi) {
+  lo = n / nt * t + std::min<std::int64_t>(t, n % nt);
+  hi = lo + n / nt + (t < n % nt ? 1 : 0);
+}
+
+// Thread t's share of a layout's work, as calls body(begin, end, c) over contiguous element
+// ranges [begin, end) of one channel c:
+//   channels-first (inner > 1): pieces of at most kChunk elements of one (n, c) row;
+//   channels-last  (inner == 1): whole rows of C channels, as body(row_begin, row_end, -1).
+// Counters advance incrementally: no division per row.
+template <class Body>
+void for_share(const Geometry& g, int t, int nt, Body&& body) {
+  const std::int64_t C = g.channels;
+  std::int64_t lo, hi;
+  if (g.inner == 1) {
+    share(g.outer, t, nt, lo, hi);
+    for (std::int64_t o = lo; o < hi; ++o) body(o * C, (o + 1) * C, std::int64_t{-1});
+    return;
+  }
+  const std::int64_t pieces = (g.inner + kChunk - 1) / kChunk;
+  share(g.outer * C * pieces, t, nt, lo, hi);
+  if (lo >= hi) return;
+  std::int64_t row = lo / pieces, piece = lo % pieces, c = row % C;
+  for (std::int64_t item = lo; item < hi; ++item) {
+    const std::int64_t begin = row * g.inner + piece * kChunk;
+    body(begin, std::min(begin + kChunk, (row + 1) * g.inner), c);
+    if (++piece == pieces) {
+      piece = 0;
+      ++row;
+      if (++c == C) c = 0;
+    }
+  }
+}
+
 // The two reductions share one traversal. An Op gives, for element i of channel c, the two
 // contributions u and v (fp64) that are summed per channel.
 template <class Op>
 void reduce_pairs(const Geometry& g, const Op& op, double* out_u, double* out_v, Workspace& ws) {
   const std::int64_t C = g.channels;
   const int nt = threads_for(g.outer * C * g.inner);
-  ws.assign(static_cast<std::size_t>(nt) * 2 * static_cast<std::size_t>(C), 0.0);
+  const std::size_t stride = partial_stride(C);
+  ws.assign(static_cast<std::size_t>(nt) * stride, 0.0);  // within reserve_workspace's capacity
   double* const partials = ws.data();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    double* const pu = partials + static_cast<std::size_t>(omp_get_thread_num()) * 2 * C;
+    const int t = omp_get_thread_num();
+    double* const pu = partials + static_cast<std::size_t>(t) * stride;
     double* const pv = pu + C;
-    if (g.inner == 1) {
-      // Channels-last: rows of C contiguous values, vectorized across channels.
-#pragma omp for schedule(static)
-      for (std::int64_t o = 0; o < g.outer; ++o) {
-        const std::int64_t base = o * C;
+    for_share(g, t, omp_get_num_threads(), [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
+      if (c < 0) {
+        // Channels-last row: vectorized across channels.
 #pragma omp simd
-        for (std::int64_t c = 0; c < C; ++c) {
+        for (std::int64_t k = 0; k < C; ++k) {
           double u, v;
-          op(base + c, c, u, v);
-          pu[c] += u;
-          pv[c] += v;
+          op(begin + k, k, u, v);
+          pu[k] += u;
+          pv[k] += v;
         }
-      }
-    } else {
-      // Channels-first: contiguous pieces of one channel's row, vectorized along the row.
-      const std::int64_t pieces = (g.inner + kChunk - 1) / kChunk;
-      const std::int64_t items = g.outer * C * pieces;
-#pragma omp for schedule(static)
-      for (std::int64_t item = 0; item < items; ++item) {
-        const std::int64_t row = item / pieces;
-        const std::int64_t c = row % C;
-        const std::int64_t begin = row * g.inner + (item % pieces) * kChunk;
-        const std::int64_t end = std::min(begin + kChunk, (row + 1) * g.inner);
+      } else {
+        // Channels-first piece of one channel: vectorized along the row.
         double su = 0.0, sv = 0.0;
 #pragma omp simd reduction(+ : su, sv)
         for (std::int64_t i = begin; i < end; ++i) {
@@ -64,14 +96,14 @@ void reduce_pairs(const Geometry& g, const Op& op, double* out_u, double* out_v,
         pu[c] += su;
         pv[c] += sv;
       }
-    }
+    });
   }
 
   for (std::int64_t c = 0; c < C; ++c) {
     double su = 0.0, sv = 0.0;
     for (int t = 0; t < nt; ++t) {
-      su += partials[static_cast<std::size_t>(t) * 2 * C + c];
-      sv += partials[static_cast<std::size_t>(t) * 2 * C + C + c];
+      su += partials[static_cast<std::size_t>(t) * stride + c];
+      sv += partials[static_cast<std::size_t>(t) * stride + C + c];
     }
     out_u[c] = su;
     out_v[c] = sv;
@@ -83,29 +115,25 @@ template <class Op>
 void map_elements(const Geometry& g, const Op& op) {
   const std::int64_t C = g.channels;
   const int nt = threads_for(g.outer * C * g.inner);
-  if (g.inner == 1) {
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (std::int64_t o = 0; o < g.outer; ++o) {
-      const std::int64_t base = o * C;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  for_share(g, omp_get_thread_num(), omp_get_num_threads(),
+            [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
+              if (c < 0) {
 #pragma omp simd
-      for (std::int64_t c = 0; c < C; ++c) op(base + c, c);
-    }
-  } else {
-    const std::int64_t pieces = (g.inner + kChunk - 1) / kChunk;
-    const std::int64_t items = g.outer * C * pieces;
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (std::int64_t item = 0; item < items; ++item) {
-      const std::int64_t row = item / pieces;
-      const std::int64_t c = row % C;
-      const std::int64_t begin = row * g.inner + (item % pieces) * kChunk;
-      const std::int64_t end = std::min(begin + kChunk, (row + 1) * g.inner);
+                for (std::int64_t k = 0; k < C; ++k) op(begin + k, k);
+              } else {
 #pragma omp simd
-      for (std::int64_t i = begin; i < end; ++i) op(i, c);
-    }
-  }
+                for (std::int64_t i = begin; i < end; ++i) op(i, c);
+              }
+            });
 }
 
 }  // namespace
+
+void reserve_workspace(Workspace& ws, std::int64_t channels) {
+  ws.reserve(static_cast<std::size_t>(std::max(1, omp_get_max_threads())) *
+             partial_stride(channels));
+}
 
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,

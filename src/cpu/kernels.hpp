@@ -22,8 +22,12 @@ struct Geometry {
   std::int64_t count_per_channel() const { return outer * inner; }
 };
 
-// Scratch for per-thread partial sums; owned by a plan, grown on demand.
+// Scratch for per-thread partial sums; owned by a plan. A reduction grows it only if the
+// OpenMP thread count grew since reserve_workspace (and may then throw std::bad_alloc).
 using Workspace = std::vector<double>;
+
+// Sizes ws for the reductions over C channels on omp_get_max_threads() threads.
+void reserve_workspace(Workspace& ws, std::int64_t channels);
 
 // Shifted moments: sum[c] = sum (x - shift[c]), sumsq[c] = sum (x - shift[c])^2 over the
 // channel, in fp64 (fp32 data is widened first, so differences and squares are exact). A shift
