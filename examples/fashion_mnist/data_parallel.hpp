@@ -1,0 +1,36 @@
+// The MPI side of data-parallel training with libtorch modules: start every rank from the same
+// state, and average gradients after each backward. Every function here but mpi_rank and
+// mpi_size is COLLECTIVE over comm.
+#ifndef SYNCBN_EXAMPLES_DATA_PARALLEL_HPP
+#define SYNCBN_EXAMPLES_DATA_PARALLEL_HPP
+
+#include <mpi.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+
+namespace syncbn_examples {
+
+int mpi_rank(MPI_Comm comm);
+int mpi_size(MPI_Comm comm);
+
+// Copies the root's parameters and buffers (running statistics, num_batches_tracked) to every
+// rank, tensor by tensor in registration order.
+void broadcast_state(torch::nn::Module& module, MPI_Comm comm, int root = 0);
+
+// Copies the root's buffers only (what torch's DistributedDataParallel does before each forward
+// with broadcast_buffers=true).
+void broadcast_buffers(torch::nn::Module& module, MPI_Comm comm, int root = 0);
+
+// Replaces every parameter's gradient by its mean over the ranks: the gradients are packed into
+// one buffer, summed with ONE MPI_Allreduce, divided by the number of ranks and unpacked.
+// Parameters that do not require grad are left out; a parameter whose gradient backward left
+// undefined counts as zeros (every rank must pack the same layout).
+void average_gradients(torch::nn::Module& module, MPI_Comm comm);
+
+double allreduce_sum(double value, MPI_Comm comm);
+int64_t allreduce_sum(int64_t value, MPI_Comm comm);
+
+}  // namespace syncbn_examples
+
+#endif  // SYNCBN_EXAMPLES_DATA_PARALLEL_HPP

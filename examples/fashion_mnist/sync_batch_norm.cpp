@@ -1,0 +1,232 @@
+#include "sync_batch_norm.hpp"
+
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace syncbn_examples {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// What the autograd function needs besides its differentiable inputs. Passed by value, so it is
+// not an autograd input; the running statistics are updated in place by the library.
+struct TrainingState {
+  syncbn::BatchNorm plan;
+  int64_t num_features;
+  torch::Tensor running_mean;         // undefined when !track_running_stats
+  torch::Tensor running_var;          // undefined when !track_running_stats
+  torch::Tensor num_batches_tracked;  // undefined when !track_running_stats
+};
+
+// Keeps the layer's plan alive in the autograd graph (AutogradContext::saved_data holds IValues).
+struct PlanHolder : torch::CustomClassHolder {
+  explicit PlanHolder(syncbn::BatchNorm p) : plan(std::move(p)) {}
+  syncbn::BatchNorm plan;
+};
+
+void* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+void* data_or_null(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? data_or_null(*t) : nullptr;
+}
+
+int64_t* counter_or_null(const torch::Tensor& t) {
+  return t.defined() ? t.data_ptr<int64_t>() : nullptr;
+}
+
+std::vector<int64_t> shape_of(const torch::Tensor& t) { return t.sizes().vec(); }
+
+// Batch norm over the ranks of a plan. x is contiguous in the plan's layout, with the shape the
+// plan expects for it ((N, C, *spatial) or (N, *spatial, C)).
+class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const c10::optional<torch::Tensor>& weight,
+                               const c10::optional<torch::Tensor>& bias,
+                               const TrainingState& state) {
+    // Parameters and statistics have the data's dtype (float32 or float64).
+    torch::Tensor y = torch::empty_like(x);
+    torch::Tensor save_mean = torch::empty({state.num_features}, x.options());
+    torch::Tensor save_invstd = torch::empty({state.num_features}, x.options());
+    syncbn::BatchNorm plan = state.plan;
+    plan.forward_training(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
+                          y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
+                          data_or_null(state.running_mean), data_or_null(state.running_var),
+                          counter_or_null(state.num_batches_tracked));
+    ctx->save_for_backward({x, weight.value_or(torch::Tensor()), save_mean, save_invstd});
+    ctx->saved_data["plan"] = c10::IValue::make_capsule(c10::make_intrusive<PlanHolder>(plan));
+    return y;
+  }
+
+  // Returns dx and this rank's dweight, dbias (undefined when the layer has no affine
+  // parameters), and nothing for the state.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
+    const torch::Tensor& weight = saved[1];
+    const torch::Tensor& save_mean = saved[2];
+    const torch::Tensor& save_invstd = saved[3];
+    syncbn::BatchNorm plan =
+        c10::static_intrusive_pointer_cast<PlanHolder>(ctx->saved_data["plan"].toCapsule())->plan;
+
+    // Every rank must enter the collective, whatever gradient reached it.
+    const torch::Tensor dy = grad_outputs[0].defined() ? grad_outputs[0].contiguous()
+                                                      : torch::zeros_like(x);
+    torch::Tensor dx = torch::empty_like(x);
+    torch::Tensor dweight, dbias;
+    if (weight.defined()) {
+      dweight = torch::empty_like(save_mean);
+      dbias = torch::empty_like(save_mean);
+    }
+    plan.backward(shape_of(x), x.data_ptr(), dy.data_ptr(), data_or_null(weight),
+                  save_mean.data_ptr(), save_invstd.data_ptr(), dx.data_ptr(),
+                  data_or_null(dweight), data_or_null(dbias));
+    return {dx, dweight, dbias, torch::Tensor()};
+  }
+};
+
+bool moves_channels(bool channels_last, const torch::Tensor& t) {
+  return channels_last && t.dim() > 2;
+}
+
+// (N, C, *spatial) -> contiguous in the plan's layout. For channels-last input (strides of
+// torch::MemoryFormat::ChannelsLast) the movedim is already contiguous and nothing is copied.
+torch::Tensor to_plan_layout(const torch::Tensor& input, bool channels_last) {
+  return moves_channels(channels_last, input) ? input.movedim(1, -1).contiguous()
+                                              : input.contiguous();
+}
+
+// The inverse view: the plan's layout -> logical (N, C, *spatial).
+torch::Tensor from_plan_layout(const torch::Tensor& t, bool channels_last) {
+  return moves_channels(channels_last, t) ? t.movedim(-1, 1) : t;
+}
+
+std::string describe(const torch::Tensor& t) {
+  std::ostringstream s;
+  s << t.scalar_type() << " " << t.sizes() << " on " << t.device();
+  return s.str();
+}
+
+syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, syncbn_dtype_t dtype) {
+  syncbn_config_t config = syncbn::make_config(o.num_features(), dtype);
+  config.eps = o.eps();
+  config.momentum = o.momentum().has_value() ? *o.momentum() : SYNCBN_MOMENTUM_CUMULATIVE;
+  config.affine = o.affine() ? 1 : 0;
+  config.track_running_stats = o.track_running_stats() ? 1 : 0;
+  config.layout = o.channels_last() ? SYNCBN_CHANNELS_LAST : SYNCBN_CHANNELS_FIRST;
+  return config;
+}
+
+}  // namespace
+
+SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
+                                     const SyncBatchNormOptions& options)
+    : options_(options),
+      plan_float32_(comm, make_plan_config(options, SYNCBN_FLOAT32)),
+      plan_float64_(comm, make_plan_config(options, SYNCBN_FLOAT64)) {
+  const int64_t c = options_.num_features();
+  if (options_.affine()) {
+    weight = register_parameter("weight", torch::ones({c}));
+    bias = register_parameter("bias", torch::zeros({c}));
+  } else {
+    weight = register_parameter("weight", torch::Tensor(), /*requires_grad=*/false);
+    bias = register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
+  }
+  if (options_.track_running_stats()) {
+    running_mean = register_buffer("running_mean", torch::zeros({c}));
+    running_var = register_buffer("running_var", torch::ones({c}));
+    num_batches_tracked = register_buffer("num_batches_tracked", torch::tensor(int64_t{0}));
+  } else {
+    running_mean = register_buffer("running_mean", torch::Tensor());
+    running_var = register_buffer("running_var", torch::Tensor());
+    num_batches_tracked = register_buffer("num_batches_tracked", torch::Tensor());
+  }
+}
+
+void SyncBatchNormImpl::reset_running_stats() {
+  if (!options_.track_running_stats()) return;
+  torch::NoGradGuard no_grad;
+  running_mean.zero_();
+  running_var.fill_(1);
+  num_batches_tracked.zero_();
+}
+
+void SyncBatchNormImpl::reset_parameters() {
+  reset_running_stats();
+  if (!options_.affine()) return;
+  torch::NoGradGuard no_grad;
+  weight.fill_(1);
+  bias.zero_();
+}
+
+void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
+  stream << "SyncBatchNorm(" << options_.num_features() << ", eps=" << options_.eps()
+         << ", momentum=";
+  if (options_.momentum().has_value()) {
+    stream << *options_.momentum();
+  } else {
+    stream << "None";
+  }
+  stream << ", affine=" << std::boolalpha << options_.affine()
+         << ", track_running_stats=" << options_.track_running_stats()
+         << ", channels_last=" << options_.channels_last() << ")";
+}
+
+// The plan for the input's dtype, after checking that parameters and statistics have that
+// dtype too. The shape is NOT checked here: a rank throwing before the collective would leave
+// its peers waiting in it. The library checks ndim and C inside the collective, so a bad shape
+// on one rank fails on every rank with a message naming it. A dtype that differs across ranks
+// selects different plans, which the library reports as SYNCBN_ERROR_CALL_MISMATCH everywhere.
+// Only what would make the library read memory wrongly is refused locally.
+syncbn::BatchNorm& SyncBatchNormImpl::plan_for(const torch::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), "SyncBatchNorm: CPU tensors only, got ", describe(input));
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64,
+              "SyncBatchNorm: float32 or float64 input only, got ", describe(input));
+  for (const torch::Tensor* t : {&weight, &bias, &running_mean, &running_var}) {
+    TORCH_CHECK(!t->defined() || t->scalar_type() == dtype, "SyncBatchNorm: input is ", dtype,
+                " but parameters/statistics are ", t->scalar_type(),
+                "; move the module to the input's dtype");
+  }
+  return dtype == torch::kFloat64 ? plan_float64_ : plan_float32_;
+}
+
+torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
+  syncbn::BatchNorm& plan = plan_for(input);
+  if (num_batches_tracked.defined() && num_batches_tracked.scalar_type() != torch::kInt64) {
+    // Module::to(dtype) converts every buffer, this counter too; the library counts in int64.
+    num_batches_tracked.set_data(num_batches_tracked.to(torch::kInt64));
+  }
+  if (!is_training()) return forward_eval(input, plan);
+  const bool channels_last = options_.channels_last();
+  const torch::Tensor x = to_plan_layout(input, channels_last);
+  const auto optional_param = [](const torch::Tensor& t) {
+    return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  const TrainingState state{plan, options_.num_features(), running_mean, running_var,
+                            num_batches_tracked};
+  const torch::Tensor y =
+      SyncBatchNormFunction::apply(x, optional_param(weight), optional_param(bias), state);
+  return from_plan_layout(y, channels_last);
+}
+
+torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input,
+                                              syncbn::BatchNorm& plan) {
+  const bool needs_grad =
+      input.requires_grad() || (weight.defined() && weight.requires_grad()) ||
+      (bias.defined() && bias.requires_grad());
+  TORCH_CHECK(!(torch::GradMode::is_enabled() && needs_grad),
+              "SyncBatchNorm: evaluation mode is not differentiable; evaluate under "
+              "torch::NoGradGuard (or put the module in training mode)");
+  const bool channels_last = options_.channels_last();
+  const torch::Tensor x = to_plan_layout(input, channels_last);
+  torch::Tensor y = torch::empty_like(x);
+  plan.forward_inference(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
+                         data_or_null(running_mean), data_or_null(running_var), y.data_ptr());
+  return from_plan_layout(y, channels_last);
+}
+
+}  // namespace syncbn_examples
