@@ -26,6 +26,43 @@ struct Geometry {
 // OpenMP thread count grew since reserve_workspace (and may then throw std::bad_alloc).
 using Workspace = std::vector<double>;
 
+// The kernels, declared once per instruction set they are compiled for (kernels.cpp). The
+// entry points below (dispatch.cpp) call the best set this CPU supports, chosen once: AVX-512
+// (x86-64-v4), AVX2 + FMA (x86-64-v3) or the baseline. SYNCBN_CPU_ISA=generic|x86-64-v3|
+// x86-64-v4 in the environment forces one (for tests and benchmarks; an unsupported choice
+// falls back to the best supported).
+#define SYNCBN_CPU_KERNEL_DECLARATIONS                                                         \
+  void reserve_workspace(Workspace& ws, std::int64_t channels);                                \
+  template <class T>                                                                           \
+  void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum,              \
+                      double* sumsq, Workspace& ws);                                           \
+  template <class T>                                                                           \
+  void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,  \
+                   double* sum_gx, Workspace& ws);                                             \
+  template <class T>                                                                           \
+  void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,   \
+              T* y);                                                                           \
+  template <class T>                                                                           \
+  void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,  \
+                      const T* k, const T* d, T* dx);
+
+// Explicit instantiations of the four kernels for data type T.
+#define SYNCBN_CPU_INSTANTIATE_KERNELS(T)                                                      \
+  template void reduce_moments<T>(const Geometry&, const T*, const T*, double*, double*,       \
+                                  Workspace&);                                                 \
+  template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, double*,         \
+                               double*, Workspace&);                                           \
+  template void affine<T>(const Geometry&, const T*, const T*, const T*, const T*, T*);        \
+  template void backward_elemt<T>(const Geometry&, const T*, const T*, const T*, const T*,     \
+                                  const T*, const T*, T*);
+
+namespace generic { SYNCBN_CPU_KERNEL_DECLARATIONS }
+namespace x86_64_v3 { SYNCBN_CPU_KERNEL_DECLARATIONS }
+namespace x86_64_v4 { SYNCBN_CPU_KERNEL_DECLARATIONS }
+
+// The instruction set the entry points use: "generic", "x86-64-v3" or "x86-64-v4".
+const char* isa_name();
+
 // Sizes ws for the reductions over C channels on omp_get_max_threads() threads.
 void reserve_workspace(Workspace& ws, std::int64_t channels);
 

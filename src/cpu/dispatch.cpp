@@ -1,0 +1,96 @@
+// The kernel entry points: each forwards to the instruction set chosen once per process.
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/kernels.hpp"
+
+namespace syncbn::cpu {
+namespace {
+
+enum class Isa { generic, x86_64_v3, x86_64_v4 };
+
+bool supported(Isa isa) {
+#if defined(SYNCBN_CPU_MULTI_ISA)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::x86_64_v4: return __builtin_cpu_supports("x86-64-v4");
+    case Isa::x86_64_v3: return __builtin_cpu_supports("x86-64-v3");
+    case Isa::generic: return true;
+  }
+  return false;
+#else
+  return isa == Isa::generic;
+#endif
+}
+
+Isa choose() {
+  const char* forced = std::getenv("SYNCBN_CPU_ISA");
+  if (forced != nullptr) {
+    if (std::strcmp(forced, "generic") == 0) return Isa::generic;
+    if (std::strcmp(forced, "x86-64-v3") == 0 && supported(Isa::x86_64_v3)) return Isa::x86_64_v3;
+    if (std::strcmp(forced, "x86-64-v4") == 0 && supported(Isa::x86_64_v4)) return Isa::x86_64_v4;
+  }
+  if (supported(Isa::x86_64_v4)) return Isa::x86_64_v4;
+  if (supported(Isa::x86_64_v3)) return Isa::x86_64_v3;
+  return Isa::generic;
+}
+
+Isa isa() {
+  static const Isa chosen = choose();
+  return chosen;
+}
+
+}  // namespace
+
+#if defined(SYNCBN_CPU_MULTI_ISA)
+#define SYNCBN_DISPATCH(call)                                   \
+  switch (isa()) {                                              \
+    case Isa::x86_64_v4: return x86_64_v4::call;                \
+    case Isa::x86_64_v3: return x86_64_v3::call;                \
+    case Isa::generic: break;                                   \
+  }                                                             \
+  return generic::call
+#else
+#define SYNCBN_DISPATCH(call) return generic::call
+#endif
+
+const char* isa_name() {
+  switch (isa()) {
+    case Isa::x86_64_v4: return "x86-64-v4";
+    case Isa::x86_64_v3: return "x86-64-v3";
+    case Isa::generic: break;
+  }
+  return "generic";
+}
+
+void reserve_workspace(Workspace& ws, std::int64_t channels) {
+  generic::reserve_workspace(ws, channels);  // the same for every instruction set
+}
+
+template <class T>
+void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
+                    Workspace& ws) {
+  SYNCBN_DISPATCH(reduce_moments(g, x, shift, sum, sumsq, ws));
+}
+
+template <class T>
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
+                 double* sum_gx, Workspace& ws) {
+  SYNCBN_DISPATCH(reduce_grad(g, x, dy, center, sum_g, sum_gx, ws));
+}
+
+template <class T>
+void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y) {
+  SYNCBN_DISPATCH(affine(g, x, center, scale, shift, y));
+}
+
+template <class T>
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,
+                    const T* k, const T* d, T* dx) {
+  SYNCBN_DISPATCH(backward_elemt(g, x, dy, center, a, k, d, dx));
+}
+
+SYNCBN_CPU_INSTANTIATE_KERNELS(float)
+SYNCBN_CPU_INSTANTIATE_KERNELS(double)
+
+}  // namespace syncbn::cpu
