@@ -228,6 +228,17 @@ ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
   return err;
 }
 
+ArgError Plan::check_forward(const ForwardArgs& a, cpu::Geometry* g, std::int64_t* count) const {
+  ArgError err = check_shape(a.shape, g);
+  *count = err ? 0 : g->count_per_channel();
+  require(err, *count == 0 || a.x != nullptr, Arg::x);
+  require(err, *count == 0 || a.y != nullptr, Arg::y);
+  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
+  require(err, !config_.affine || a.bias != nullptr, Arg::bias);
+  require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
+  return err;
+}
+
 void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream) {
   const Fingerprint fp = next_fingerprint(op);
   put_guards(buffer_.data(), comm_->rank(), mine, fp);
@@ -252,19 +263,14 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   const bool cumulative = std::isnan(config_.momentum);
 
   cpu::Geometry g;
-  ArgError err = check_shape(a.shape, &g);
-  const std::int64_t count = err ? 0 : g.count_per_channel();
-  require(err, count == 0 || a.x != nullptr, Arg::x);
-  require(err, count == 0 || a.y != nullptr, Arg::y);
-  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
-  require(err, !config_.affine || a.bias != nullptr, Arg::bias);
+  std::int64_t count = 0;
+  ArgError err = check_forward(a, &g, &count);
   require(err, !track || a.running_mean != nullptr, Arg::running_mean);
   require(err, !track || a.running_var != nullptr, Arg::running_var);
   require(err, !track || !cumulative || a.num_batches_tracked != nullptr,
           Arg::num_batches_tracked);
   require(err, !track || a.num_batches_tracked == nullptr || *a.num_batches_tracked >= 0,
           Arg::num_batches_tracked, Problem::negative);
-  require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
 
   // [guards | sum x (C) | sum x^2 (C) | m]; a failing rank contributes zeros and its flag.
   double* const sum = buffer_.data() + kGuardSlots;
@@ -328,15 +334,10 @@ template <class T>
 void Plan::forward_running_stats(const ForwardArgs& a) {
   const std::int64_t C = config_.num_features;
   cpu::Geometry g;
-  ArgError err = check_shape(a.shape, &g);
-  const std::int64_t count = err ? 0 : g.count_per_channel();
-  require(err, count == 0 || a.x != nullptr, Arg::x);
-  require(err, count == 0 || a.y != nullptr, Arg::y);
-  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
-  require(err, !config_.affine || a.bias != nullptr, Arg::bias);
+  std::int64_t count = 0;
+  ArgError err = check_forward(a, &g, &count);
   require(err, a.running_mean != nullptr, Arg::running_mean);
   require(err, a.running_var != nullptr, Arg::running_var);
-  require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
   if (err) fail_local(comm_->rank(), err);  // no collective here: nobody else waits
 
   T* const center = scratch<T>(2);
