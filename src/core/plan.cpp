@@ -1,6 +1,8 @@
 #include "core/plan.hpp"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -52,14 +54,24 @@ void config_fields(const syncbn_config_t& c, std::uint64_t out[kConfigFields]) {
   out[8] = c.global_param_grads != 0;
 }
 
+// The shortest decimal that reads back as v ("1e-05", not "0.000010").
+std::string exact(double v) {
+  char text[32];
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, v);
+    if (std::strtod(text, nullptr) == v) break;
+  }
+  return text;
+}
+
 std::string field_value(const syncbn_config_t& c, int field) {
   switch (field) {
     case 0: return std::to_string(c.num_features);
     case 1: return std::to_string(static_cast<int>(c.dtype));
     case 2: return std::to_string(static_cast<int>(c.layout));
     case 3: return std::to_string(static_cast<int>(c.device));
-    case 4: return std::to_string(c.eps);
-    case 5: return std::isnan(c.momentum) ? "cumulative" : std::to_string(c.momentum);
+    case 4: return exact(c.eps);
+    case 5: return std::isnan(c.momentum) ? "cumulative" : exact(c.momentum);
     case 6: return std::to_string(c.affine != 0);
     case 7: return std::to_string(c.track_running_stats != 0);
     default: return std::to_string(c.global_param_grads != 0);
