@@ -781,8 +781,10 @@ const ConfigCase kConfigCases[] = {
      SYNCBN_ERROR_INVALID_ARGUMENT, "momentum"},
     {"fp16_on_cpu", [](syncbn_config_t& c) { c.dtype = SYNCBN_FLOAT16; },
      SYNCBN_ERROR_NOT_SUPPORTED, ""},
+#ifndef SYNCBN_TEST_HAVE_CUDA  // with CUDA: tests/test_cuda.cpp
     {"cuda_device_without_cuda", [](syncbn_config_t& c) { c.device = SYNCBN_DEVICE_CUDA; },
      SYNCBN_ERROR_NOT_SUPPORTED, ""},
+#endif
     {"momentum_zero_ok", [](syncbn_config_t& c) { c.momentum = 0; }, SYNCBN_SUCCESS, ""},
     {"momentum_one_ok", [](syncbn_config_t& c) { c.momentum = 1; }, SYNCBN_SUCCESS, ""},
     {"momentum_cumulative_ok", [](syncbn_config_t& c) { c.momentum = kCumulative; },

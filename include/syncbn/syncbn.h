@@ -27,7 +27,8 @@
  * ranks, and N may be 0 (the rank then contributes zeros but still takes part in the collective).
  * Data pointers (x, y, dy, dx) may be NULL only where the local tensor is empty.
  *
- * Dtypes. Data is SYNCBN_FLOAT32 or SYNCBN_FLOAT64 (fp16/bf16 are reserved for the GPU path).
+ * Dtypes. Data is SYNCBN_FLOAT32 or SYNCBN_FLOAT64 on the CPU; SYNCBN_FLOAT16 (IEEE binary16)
+ * and SYNCBN_BFLOAT16 are CUDA-only (SYNCBN_ERROR_NOT_SUPPORTED on a CPU plan).
  * Parameters (weight, bias, their gradients) and statistics (running_mean, running_var,
  * save_mean, save_invstd) are arrays of C values of the "parameter type": float for FLOAT32,
  * FLOAT16 and BFLOAT16 data, double for FLOAT64 data.
@@ -55,6 +56,25 @@
  *
  * Bitwise-identical running statistics across ranks rely on the allreduce returning the same
  * sums on every rank, as MPI advises and Open MPI and MPICH do.
+ *
+ * CUDA plans (device = SYNCBN_DEVICE_CUDA, built with SYNCBN_WITH_CUDA). Every data, parameter
+ * and statistics pointer, num_batches_tracked included (one int64 in device memory), is device
+ * memory of the device that was current at syncbn_plan_create; that device must be current at
+ * every call. stream is a cudaStream_t cast to void* (NULL: the legacy default stream). Kernels
+ * and the allreduce are enqueued on stream, in stream order with the caller's work:
+ *   - over an NCCL communicator (syncbn_nccl.h) a call never synchronizes the host, so a whole
+ *     training step can be captured in a CUDA graph and replayed; errors the group only finds
+ *     out on the device (a rank's bad argument, a call mismatch, an empty global batch) are
+ *     recorded on the device and returned by syncbn_plan_get_async_error, with the same message
+ *     the CPU path gives. The failed call still leaves running statistics and
+ *     num_batches_tracked untouched and writes NaN to its outputs (y, save_*, dx, dweight,
+ *     dbias), so a failure cannot pass as data;
+ *   - over the self communicator nothing is exchanged; over MPI the packed buffer goes through
+ *     pinned host memory (or straight to MPI when Open MPI is CUDA-aware), the call synchronizes
+ *     stream once, and every error is returned by the call itself, as on the CPU.
+ * Arguments a rank can check itself (null pointers, shapes, the current device) are returned by
+ * the call on that rank in every case; it still enqueues its part of the allreduce, carrying the
+ * failure, so that no peer waits forever.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
  * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per
@@ -111,8 +131,8 @@ typedef enum syncbn_status {
 typedef enum syncbn_dtype {
   SYNCBN_FLOAT32 = 0,
   SYNCBN_FLOAT64 = 1,
-  SYNCBN_FLOAT16 = 2,  /* reserved: GPU path */
-  SYNCBN_BFLOAT16 = 3  /* reserved: GPU path */
+  SYNCBN_FLOAT16 = 2,  /* IEEE binary16, CUDA plans only */
+  SYNCBN_BFLOAT16 = 3  /* bfloat16, CUDA plans only */
 } syncbn_dtype_t;
 
 typedef enum syncbn_layout {
@@ -122,7 +142,7 @@ typedef enum syncbn_layout {
 
 typedef enum syncbn_device {
   SYNCBN_DEVICE_CPU = 0,
-  SYNCBN_DEVICE_CUDA = 1 /* reserved: GPU path */
+  SYNCBN_DEVICE_CUDA = 1 /* needs a build with SYNCBN_WITH_CUDA, else SYNCBN_ERROR_NOT_SUPPORTED */
 } syncbn_device_t;
 
 /* momentum value meaning "unset": running statistics are the cumulative average,
@@ -206,6 +226,16 @@ SYNCBN_API syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan);
 /* Copies the plan's configuration into *config. */
 SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* config);
 
+/* CUDA plans: synchronizes stream (a cudaStream_t, NULL: the legacy default stream), then
+   reports the first error the device recorded in this plan's calls since the last report, and
+   clears it: SYNCBN_SUCCESS in *async_error if none, else the status (and syncbn_last_error()
+   the message) that the failing call would have returned on the CPU. Only collective verdicts
+   made on the device land here (NCCL communicators); errors the call itself returned do not.
+   On a CPU plan, *async_error is always SYNCBN_SUCCESS. Returns SYNCBN_ERROR_INVALID_ARGUMENT
+   (plan or async_error NULL) or SYNCBN_ERROR_INTERNAL (the CUDA runtime failed). */
+SYNCBN_API syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void* stream,
+                                                       syncbn_status_t* async_error);
+
 /* ---- Batch normalization -------------------------------------------------------------------- */
 
 /* COLLECTIVE (one allreduce of 2C + 18 doubles). Forward in training mode.
@@ -220,7 +250,7 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_con
      num_batches_tracked [in/out] >= 0; required when track_running_stats and momentum is
                   SYNCBN_MOMENTUM_CUMULATIVE, optional (may be NULL) otherwise; incremented by
                   one on success when track_running_stats, ignored otherwise
-     stream       must be NULL for CPU plans
+     stream       must be NULL for CPU plans; a cudaStream_t for CUDA plans
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT, SYNCBN_ERROR_CALL_MISMATCH,
    SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_OUT_OF_MEMORY, SYNCBN_ERROR_COMM. On error, y,
    save_*, running_* and num_batches_tracked are left as they were, on every rank. */

@@ -121,6 +121,14 @@ class BatchNorm {
                           save_mean, save_invstd, dx, dweight, dbias, stream));
   }
 
+  // syncbn_plan_get_async_error: synchronizes stream; throws the error the device recorded in
+  // this plan's completed calls (CUDA plans over NCCL), if any, and clears it.
+  void check_async_error(void* stream = nullptr) {
+    syncbn_status_t async = SYNCBN_SUCCESS;
+    check(syncbn_plan_get_async_error(get(), stream, &async));
+    check(async);
+  }
+
   syncbn_plan_t get() const { return plan_.get(); }
   explicit operator bool() const { return plan_ != nullptr; }
 

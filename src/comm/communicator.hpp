@@ -1,4 +1,4 @@
-// src/comm: the communicator interface and its backends (single process, MPI). A backend knows
+// src/comm: the communicator interface and its backends (single process, MPI, NCCL). A backend knows
 // how to sum a small fp64 buffer over its group and how to split the group; it knows nothing of
 // batch norm, guards or plans (src/core owns those).
 #ifndef SYNCBN_COMM_COMMUNICATOR_HPP
@@ -10,16 +10,30 @@
 
 namespace syncbn::comm {
 
+// How a backend sums a buffer that lives in device (CUDA) memory.
+enum class DeviceBuffers {
+  identity,   // a group of one: nothing to do
+  stage,      // host memory only: the caller copies through pinned memory and synchronizes
+  after_sync, // device memory, once the stream's work is done (CUDA-aware MPI)
+  on_stream,  // device memory, enqueued on the stream, no host synchronization (NCCL)
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
 
-  // COLLECTIVE. In-place sum of count doubles over the group, the same result on every rank.
-  // stream: the backend's stream, NULL for host backends. Throws core::Failure
-  // (SYNCBN_ERROR_COMM) if the transport fails.
-  virtual void allreduce_sum(double* buffer, std::size_t count, void* stream) = 0;
+  // COLLECTIVE, blocking. In-place sum of count doubles in host memory over the group, the same
+  // result on every rank. Throws core::Failure (SYNCBN_ERROR_COMM) if the transport fails.
+  virtual void allreduce_sum(double* buffer, std::size_t count) = 0;
+
+  // How allreduce_sum_device may be used (see DeviceBuffers).
+  virtual DeviceBuffers device_buffers() const { return DeviceBuffers::stage; }
+
+  // COLLECTIVE. In-place sum of count doubles in device memory: for after_sync once stream's
+  // work is complete, for on_stream enqueued on stream (a cudaStream_t). Throws core::Failure.
+  virtual void allreduce_sum_device(double* buffer, std::size_t count, void* stream);
 
   // COLLECTIVE. This rank's group among consecutive groups of group_size ranks. The caller has
   // checked that group_size >= 1 divides size() and agrees across ranks.

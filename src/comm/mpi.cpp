@@ -1,6 +1,11 @@
 #include "comm/mpi.hpp"
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // Open MPI: MPIX_CUDA_AWARE_SUPPORT, MPIX_Query_cuda_support
+#endif
 
 #include "core/error.hpp"
 
@@ -18,6 +23,20 @@ void check_mpi(int code, const char* what) {
   if (code != MPI_SUCCESS) {
     core::fail(SYNCBN_ERROR_COMM, std::string(what) + " failed: " + mpi_error_text(code));
   }
+}
+
+// Whether MPI_Allreduce may be given device pointers: Open MPI's run-time answer where it has
+// one (MPIX_Query_cuda_support), overridden by SYNCBN_MPI_CUDA_AWARE=0|1 in the environment.
+bool cuda_aware() {
+  static const bool aware = [] {
+    if (const char* env = std::getenv("SYNCBN_MPI_CUDA_AWARE")) return std::strcmp(env, "1") == 0;
+#if defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+    return MPIX_Query_cuda_support() == 1;
+#else
+    return false;
+#endif
+  }();
+  return aware;
 }
 
 bool mpi_finalized() {
@@ -43,10 +62,17 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
-  void allreduce_sum(double* buffer, std::size_t count, void*) override {
+  void allreduce_sum(double* buffer, std::size_t count) override {
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, buffer, static_cast<int>(count), MPI_DOUBLE, MPI_SUM,
                             comm_),
               "MPI_Allreduce");
+  }
+
+  DeviceBuffers device_buffers() const override {
+    return cuda_aware() ? DeviceBuffers::after_sync : DeviceBuffers::stage;
+  }
+  void allreduce_sum_device(double* buffer, std::size_t count, void*) override {
+    allreduce_sum(buffer, count);  // CUDA-aware MPI takes the device pointer
   }
 
   std::shared_ptr<Communicator> split_consecutive(int group_size) override {

@@ -12,6 +12,23 @@
 #include "comm/mpi.hpp"
 #include "syncbn/syncbn_mpi.h"
 #endif
+#ifdef SYNCBN_HAVE_NCCL
+#include "comm/nccl.hpp"
+#include "syncbn/syncbn_nccl.h"
+#ifdef SYNCBN_HAVE_MPI
+#include "syncbn/syncbn_nccl_mpi.h"
+#endif
+#else
+// Built without NCCL: the entry points exist and say so. ncclComm_t is struct ncclComm*.
+struct ncclComm;
+extern "C" {
+SYNCBN_API syncbn_status_t syncbn_comm_create_nccl(ncclComm* nccl_comm, syncbn_comm_t* comm);
+#ifdef SYNCBN_HAVE_MPI
+SYNCBN_API syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm** nccl_comm,
+                                                     int* local_rank);
+#endif
+}
+#endif
 
 struct syncbn_comm_s {
   std::shared_ptr<syncbn::comm::Communicator> impl;
@@ -117,6 +134,34 @@ syncbn_status_t syncbn_comm_create_mpi(MPI_Comm mpi_comm, syncbn_comm_t* comm) {
 }
 #endif
 
+#ifdef SYNCBN_HAVE_NCCL
+syncbn_status_t syncbn_comm_create_nccl(ncclComm_t nccl_comm, syncbn_comm_t* comm) {
+  return guarded([&] {
+    require_out(comm, "comm");
+    *comm = new syncbn_comm_s{syncbn::comm::make_nccl_communicator(nccl_comm)};
+  });
+}
+#ifdef SYNCBN_HAVE_MPI
+syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm,
+                                          int* local_rank) {
+  return guarded([&] { syncbn::comm::nccl_comm_init_mpi(mpi_comm, nccl_comm, local_rank); });
+}
+#endif
+#else
+syncbn_status_t syncbn_comm_create_nccl(ncclComm*, syncbn_comm_t*) {
+  return guarded([&] {
+    syncbn::core::fail(SYNCBN_ERROR_NOT_SUPPORTED, "this build has no NCCL (SYNCBN_WITH_NCCL)");
+  });
+}
+#ifdef SYNCBN_HAVE_MPI
+syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm, ncclComm**, int*) {
+  return guarded([&] {
+    syncbn::core::fail(SYNCBN_ERROR_NOT_SUPPORTED, "this build has no NCCL (SYNCBN_WITH_NCCL)");
+  });
+}
+#endif
+#endif
+
 syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size, syncbn_comm_t* sub) {
   return guarded([&] {
     auto group = syncbn::core::split_consecutive(checked(parent, "parent"), group_size,
@@ -165,6 +210,16 @@ syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* conf
     auto& p = checked(plan, "plan");
     require_out(config, "config");
     *config = p.config();
+  });
+}
+
+syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void* stream,
+                                            syncbn_status_t* async_error) {
+  return guarded([&] {
+    auto& p = checked(plan, "plan");
+    require_out(async_error, "async_error");
+    *async_error = SYNCBN_SUCCESS;
+    *async_error = p.async_error(stream);
   });
 }
 

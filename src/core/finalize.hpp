@@ -9,11 +9,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define SYNCBN_HD __host__ __device__
-#else
-#define SYNCBN_HD
-#endif
+#include "core/hd.hpp"
 
 namespace syncbn::core {
 

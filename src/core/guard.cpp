@@ -45,13 +45,6 @@ std::uint32_t encode(const ArgError& e) {
   return (static_cast<std::uint32_t>(e.arg) << 4) | static_cast<std::uint32_t>(e.problem);
 }
 
-// Exact test of "all P ranks sent the same v" from s1 = sum v and s2 = sum v^2.
-bool all_equal(double s1, double s2, int group_size) {
-  const auto a = static_cast<__int128>(group_size) * static_cast<__int128>(std::llround(s2));
-  const auto b = static_cast<__int128>(std::llround(s1)) * static_cast<__int128>(std::llround(s1));
-  return a == b;
-}
-
 }  // namespace
 
 std::string describe(Arg arg, Problem problem) {
@@ -71,6 +64,9 @@ std::string describe(Arg arg, Problem problem) {
     case Problem::disagrees: return name + " differs across ranks";
     case Problem::invalid_enum: return name + " is not a valid enumeration value";
     case Problem::out_of_memory: return "out of memory";
+    case Problem::no_device: return name + ": no usable CUDA device on this rank";
+    case Problem::wrong_device:
+      return name + ": the current CUDA device is not the one the plan was created on";
   }
   return name + ": invalid";
 }
@@ -131,6 +127,18 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
   std::string message = who + ": " + describe(arg, problem);
   if (mine && !mine.detail.empty()) message += " (this rank: " + mine.detail + ")";
   fail(status_of(problem), message);
+}
+
+void check_batch_count(double m, bool track) {
+  if (m < 1.0) {
+    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
+         "the group's batch is empty (0 values per channel over all ranks)");
+  }
+  if (track && m < 2.0) {
+    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
+         "1 value per channel over all ranks in training with track_running_stats: the "
+         "unbiased running variance var * m / (m - 1) is undefined");
+  }
 }
 
 void put_agree(double* slots, std::uint32_t v) {

@@ -16,9 +16,18 @@
 #include <cstdint>
 #include <string>
 
+#include "core/hd.hpp"
 #include "syncbn/syncbn.h"
 
 namespace syncbn::core {
+
+// Exact test of "all group_size ranks sent the same v" from s1 = sum v and s2 = sum v^2
+// (non-negative integers, exact in fp64): group_size * s2 == s1^2, in 128-bit integers.
+SYNCBN_HD inline bool all_equal(double s1, double s2, int group_size) {
+  const auto a = static_cast<__int128>(group_size) * static_cast<__int128>(static_cast<long long>(s2 + 0.5));
+  const auto r1 = static_cast<__int128>(static_cast<long long>(s1 + 0.5));
+  return a == r1 * r1;
+}
 
 // The argument a rank rejected. Values are part of the wire format: append only.
 enum class Arg : std::uint16_t {
@@ -44,6 +53,8 @@ enum class Problem : std::uint16_t {
   disagrees,       // the ranks passed different values
   invalid_enum,    // not one of the enumeration's values
   out_of_memory,   // an allocation failed (SYNCBN_ERROR_OUT_OF_MEMORY)
+  no_device,       // a CUDA plan, and no usable CUDA device on this rank
+  wrong_device,    // the current CUDA device is not the plan's
 };
 
 // A rank's own finding about its arguments. detail is extra text for this rank's message only.
@@ -99,6 +110,21 @@ void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint
 // meaningless), then errors.
 void check_guards(const double* slots, int group_size, int rank, const ArgError& mine,
                   const Fingerprint& fp);
+
+// The verdict check_guards reaches, as a yes/no that device code can evaluate: every rank took
+// part, all were in the same call, none failed.
+SYNCBN_HD inline bool guards_pass(const double* slots, int group_size) {
+  if (static_cast<long long>(slots[0] + 0.5) != group_size || slots[1] != 0.0) return false;
+  for (std::size_t i = 0; i < kFingerprintSlots; i += kAgreeSlots) {
+    if (!all_equal(slots[kErrorSlots + i], slots[kErrorSlots + i + 1], group_size)) return false;
+  }
+  return true;
+}
+
+// After the guards: the group's count per channel m must be >= 1, and >= 2 in training with
+// running statistics (the unbiased variance). Throws Failure(SYNCBN_ERROR_BATCH_TOO_SMALL).
+void check_batch_count(double m, bool track);
+SYNCBN_HD inline bool batch_count_ok(double m, bool track) { return m >= 1.0 && (!track || m >= 2.0); }
 
 }  // namespace syncbn::core
 

@@ -87,10 +87,6 @@ syncbn_config_t normalized(const syncbn_config_t& c) {
   return n;
 }
 
-// The first problem found wins; later checks do not overwrite it.
-void require(ArgError& err, bool ok, Arg arg, Problem problem = Problem::null) {
-  if (!err && !ok) err = {arg, problem, {}};
-}
 
 template <class T>
 const T* as(const void* p) {
@@ -101,13 +97,17 @@ T* as(void* p) {
   return static_cast<T*>(p);
 }
 
-[[noreturn]] void fail_local(int rank, const ArgError& err) {
+}  // namespace
+
+void require(ArgError& err, bool ok, Arg arg, Problem problem) {
+  if (!err && !ok) err = {arg, problem, {}};
+}
+
+void fail_local(int rank, const ArgError& err) {
   fail(status_of(err.problem), "rank " + std::to_string(rank) + ": " +
                                    describe(err.arg, err.problem) +
                                    (err.detail.empty() ? "" : " (" + err.detail + ")"));
 }
-
-}  // namespace
 
 ArgError validate_config(const syncbn_config_t& c) {
   ArgError err;
@@ -122,10 +122,16 @@ ArgError validate_config(const syncbn_config_t& c) {
   require(err, std::isnan(c.momentum) || (c.momentum >= 0.0 && c.momentum <= 1.0), Arg::momentum,
           Problem::out_of_range);
   require(err, c.num_features <= kMaxFeatures, Arg::num_features, Problem::overflow);
-  // Valid requests this build cannot serve.
-  require(err, c.dtype == SYNCBN_FLOAT32 || c.dtype == SYNCBN_FLOAT64, Arg::dtype,
-          Problem::unsupported);
-  require(err, c.device == SYNCBN_DEVICE_CPU, Arg::device, Problem::unsupported);
+  // Valid requests this build cannot serve: 16-bit data is CUDA-only.
+#ifdef SYNCBN_HAVE_CUDA
+  constexpr bool kHaveCuda = true;
+#else
+  constexpr bool kHaveCuda = false;
+#endif
+  require(err, c.device == SYNCBN_DEVICE_CPU || kHaveCuda, Arg::device, Problem::unsupported);
+  require(err,
+          c.dtype == SYNCBN_FLOAT32 || c.dtype == SYNCBN_FLOAT64 || c.device == SYNCBN_DEVICE_CUDA,
+          Arg::dtype, Problem::unsupported);
   return err;
 }
 
@@ -153,13 +159,16 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
       err = {Arg::memory, Problem::out_of_memory, {}};
     }
   }
+#ifdef SYNCBN_HAVE_CUDA
+  if (!err && c.device == SYNCBN_DEVICE_CUDA) err = plan->init_cuda();
+#endif
 
   double buffer[kErrorSlots + kConfigFields * kAgree48Slots];
   put_error_record(buffer, comm->rank(), err);
   for (int i = 0; i < kConfigFields; ++i) {
     put_agree48(buffer + kErrorSlots + i * kAgree48Slots, fields[i]);
   }
-  comm->allreduce_sum(buffer, sizeof buffer / sizeof buffer[0], nullptr);
+  comm->allreduce_sum(buffer, sizeof buffer / sizeof buffer[0]);
 
   check_error_record(buffer, comm->size(), comm->rank(), err);
   for (int i = 0; i < kConfigFields; ++i) {
@@ -173,9 +182,12 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
   return plan;
 }
 
+Plan::~Plan() = default;
+
 Plan::Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
            std::uint64_t tag)
     : comm_(std::move(comm)), config_(config), tag_(tag) {
+  if (config_.device == SYNCBN_DEVICE_CUDA) return;  // init_cuda allocates on the device
   const auto C = static_cast<std::size_t>(config_.num_features);
   buffer_.assign(kGuardSlots + 2 * C + 1, 0.0);
   local_.assign(2 * C, 0.0);
@@ -247,14 +259,15 @@ ArgError Plan::check_forward(const ForwardArgs& a, cpu::Geometry* g, std::int64_
   require(err, *count == 0 || a.y != nullptr, Arg::y);
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, !config_.affine || a.bias != nullptr, Arg::bias);
-  require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
+  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
+          Problem::not_null);
   return err;
 }
 
-void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream) {
+void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op) {
   const Fingerprint fp = next_fingerprint(op);
   put_guards(buffer_.data(), comm_->rank(), mine, fp);
-  comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots, stream);
+  comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots);
   check_guards(buffer_.data(), comm_->size(), comm_->rank(), mine, fp);
 }
 
@@ -300,18 +313,10 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
     });
   }
   sum[2 * C] = err ? 0.0 : static_cast<double>(count);
-  exchange(2 * C + 1, err, op, a.stream);
+  exchange(2 * C + 1, err, op);
 
   const double m = sum[2 * C];
-  if (m < 1.0) {
-    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
-         "the group's batch is empty (0 values per channel over all ranks)");
-  }
-  if (track && m < 2.0) {
-    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
-         "1 value per channel over all ranks in training with track_running_stats: the "
-         "unbiased running variance var * m / (m - 1) is undefined");
-  }
+  check_batch_count(m, track);
 
   // Nothing can fail from here on: write saved statistics, y and running statistics.
   T* const save_mean = a.save_mean ? as<T>(a.save_mean) : scratch<T>(0);
@@ -383,7 +388,8 @@ void Plan::backward_typed(const BackwardArgs& a) {
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, a.save_mean != nullptr, Arg::save_mean);
   require(err, a.save_invstd != nullptr, Arg::save_invstd);
-  require(err, a.stream == nullptr, Arg::stream, Problem::not_null);
+  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
+          Problem::not_null);
 
   const T* const save_mean = as<T>(a.save_mean);
   const T* const save_invstd = as<T>(a.save_invstd);
@@ -399,13 +405,10 @@ void Plan::backward_typed(const BackwardArgs& a) {
   sum_g[2 * C] = err ? 0.0 : static_cast<double>(count);
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
   if (param_grads && !config_.global_param_grads) std::copy(sum_g, sum_g + 2 * C, local_.begin());
-  exchange(2 * C + 1, err, Op::backward, a.stream);
+  exchange(2 * C + 1, err, Op::backward);
 
   const double m = sum_g[2 * C];
-  if (m < 1.0) {
-    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
-         "the group's batch is empty (0 values per channel over all ranks)");
-  }
+  check_batch_count(m, false);
 
   T* const center = scratch<T>(0);
   T* const ka = scratch<T>(1);
@@ -431,7 +434,18 @@ void Plan::backward_typed(const BackwardArgs& a) {
   }
 }
 
+#ifdef SYNCBN_HAVE_CUDA
+#define SYNCBN_ON_CUDA(call)                                     \
+  if (config_.device == SYNCBN_DEVICE_CUDA) {                    \
+    call;                                                        \
+    return;                                                      \
+  }
+#else
+#define SYNCBN_ON_CUDA(call)
+#endif
+
 void Plan::forward_training(const ForwardArgs& args) {
+  SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_training))
   if (config_.dtype == SYNCBN_FLOAT64) {
     forward_batch_stats<double>(args, Op::forward_training);
   } else {
@@ -442,6 +456,7 @@ void Plan::forward_training(const ForwardArgs& args) {
 void Plan::forward_inference(const ForwardArgs& args) {
   const bool f64 = config_.dtype == SYNCBN_FLOAT64;
   if (!config_.track_running_stats) {
+    SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_inference))
     ForwardArgs batch = args;  // batch statistics, nothing saved
     batch.save_mean = batch.save_invstd = nullptr;
     if (f64) {
@@ -449,6 +464,8 @@ void Plan::forward_inference(const ForwardArgs& args) {
     } else {
       forward_batch_stats<float>(batch, Op::forward_inference);
     }
+  } else if (config_.device == SYNCBN_DEVICE_CUDA) {
+    SYNCBN_ON_CUDA(cuda_forward_running_stats(args))
   } else if (f64) {
     forward_running_stats<double>(args);
   } else {
@@ -457,11 +474,20 @@ void Plan::forward_inference(const ForwardArgs& args) {
 }
 
 void Plan::backward(const BackwardArgs& args) {
+  SYNCBN_ON_CUDA(cuda_backward(args))
   if (config_.dtype == SYNCBN_FLOAT64) {
     backward_typed<double>(args);
   } else {
     backward_typed<float>(args);
   }
+}
+
+syncbn_status_t Plan::async_error(void* stream) {
+#ifdef SYNCBN_HAVE_CUDA
+  if (config_.device == SYNCBN_DEVICE_CUDA) return cuda_async_error(stream);
+#endif
+  (void)stream;
+  return SYNCBN_SUCCESS;  // CPU plans report every error from the call itself
 }
 
 }  // namespace syncbn::core

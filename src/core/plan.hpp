@@ -53,8 +53,15 @@ struct BackwardArgs {
 // The config's own validity, on this rank (no communication).
 ArgError validate_config(const syncbn_config_t& config);
 
+// What a plan keeps on a device (CUDA plans: core/plan_cuda.cpp).
+class DeviceResources {
+ public:
+  virtual ~DeviceResources() = default;
+};
+
 class Plan {
  public:
+  ~Plan();
   // COLLECTIVE over comm. config may be NULL on a rank (that rank reports it); plan_out_null
   // says the caller gave no place for the handle, out_of_memory that the caller could not
   // allocate its own part. Every allocation happens before the collective, so a rank out of
@@ -71,6 +78,10 @@ class Plan {
   void forward_inference(const ForwardArgs& args);
   // COLLECTIVE.
   void backward(const BackwardArgs& args);
+
+  // CUDA plans: synchronizes stream, then the first failed verdict the device recorded since the
+  // last report (SYNCBN_SUCCESS if none), with its message as last error; clears it.
+  syncbn_status_t async_error(void* stream);
 
  private:
   Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
@@ -89,12 +100,21 @@ class Plan {
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
   // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws
   // on error, identically on every rank).
-  void exchange(std::size_t data_slots, const ArgError& mine, Op op, void* stream);
+  void exchange(std::size_t data_slots, const ArgError& mine, Op op);
   // Runs a call's local computation unless err is set; an allocation failure becomes err, so
   // that this rank still enters the collective and reports it there.
   template <class F> void local_phase(ArgError& err, F&& compute);
   // C values of type T in the plan's scratch, slot i of kScratchArrays.
   template <class T> T* scratch(int i);
+
+  // CUDA plans (core/plan_cuda.cpp): device memory before the creation collective, and the
+  // three calls. Each enqueues its reduction, the exchange, the finalize and the elementwise
+  // pass on the caller's stream.
+  ArgError init_cuda();
+  void cuda_forward_batch_stats(const ForwardArgs& args, Op op);
+  void cuda_forward_running_stats(const ForwardArgs& args);
+  void cuda_backward(const BackwardArgs& args);
+  syncbn_status_t cuda_async_error(void* stream);
 
   std::shared_ptr<comm::Communicator> comm_;
   syncbn_config_t config_;
@@ -105,7 +125,13 @@ class Plan {
   std::vector<float> scratch32_;   // kScratchArrays arrays of C values, FLOAT32 plans
   std::vector<double> scratch64_;  // the same, FLOAT64 plans
   cpu::Workspace workspace_;
+  std::unique_ptr<DeviceResources> device_;  // CUDA plans
 };
+
+// The rank's own error, raised on this rank only ("rank 2: weight is null").
+[[noreturn]] void fail_local(int rank, const ArgError& err);
+// The first problem found wins; later checks do not overwrite it.
+void require(ArgError& err, bool ok, Arg arg, Problem problem = Problem::null);
 
 }  // namespace syncbn::core
 

@@ -20,7 +20,7 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
   double slots[kErrorSlots + kAgree48Slots];
   put_error_record(slots, parent.rank(), err);
   put_agree48(slots + kErrorSlots, static_cast<std::uint64_t>(static_cast<std::uint32_t>(group_size)));
-  parent.allreduce_sum(slots, kErrorSlots + kAgree48Slots, nullptr);
+  parent.allreduce_sum(slots, kErrorSlots + kAgree48Slots);
   check_error_record(slots, parent.size(), parent.rank(), err);
   if (!agreed48(slots + kErrorSlots, parent.size())) {
     fail(SYNCBN_ERROR_INVALID_ARGUMENT, "group_size differs across ranks (rank " +

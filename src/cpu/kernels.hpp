@@ -1,26 +1,18 @@
 // src/cpu: the CPU kernels, nothing else: per-channel local reductions and elementwise passes
 // over dense tensors, parallel with OpenMP. No validation, no communication, no per-channel
-// finalize math (src/core owns those); every function trusts its arguments.
-//
-// A tensor is seen as (outer, C, inner) with C the channel dimension:
-//   channels-first (N, C, *spatial): outer = N, inner = prod(spatial)
-//   channels-last  (N, *spatial, C): outer = N * prod(spatial), inner = 1
-// (channels-first with no spatial dims is the same memory as channels-last and uses the
-// channels-last kernels). Element (o, c, i) is at ((o * C) + c) * inner + i.
+// finalize math (src/core owns those); every function trusts its arguments. Tensors are seen as
+// (outer, C, inner) (core/geometry.hpp).
 #ifndef SYNCBN_CPU_KERNELS_HPP
 #define SYNCBN_CPU_KERNELS_HPP
 
 #include <cstdint>
 #include <vector>
 
+#include "core/geometry.hpp"
+
 namespace syncbn::cpu {
 
-struct Geometry {
-  std::int64_t outer = 0;
-  std::int64_t channels = 0;
-  std::int64_t inner = 1;
-  std::int64_t count_per_channel() const { return outer * inner; }
-};
+using core::Geometry;
 
 // Scratch for per-thread partial sums; owned by a plan. A reduction grows it only if the
 // OpenMP thread count grew since reserve_workspace (and may then throw std::bad_alloc).

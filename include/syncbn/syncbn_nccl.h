@@ -1,0 +1,33 @@
+/*
+ * syncbn: the NCCL communicator (C API). Include only where NCCL is wanted; needs nccl.h.
+ * Available when the library was built with SYNCBN_WITH_NCCL.
+ */
+#ifndef SYNCBN_SYNCBN_NCCL_H
+#define SYNCBN_SYNCBN_NCCL_H
+
+#include <nccl.h>
+
+#include "syncbn/syncbn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A communicator over the caller's NCCL communicator (not collective, no communication). The
+   caller keeps ownership of nccl_comm and must keep it alive, and not destroy or abort it,
+   until every syncbn communicator and plan made from it is destroyed. CUDA plans on this
+   communicator enqueue ONE ncclAllReduce (ncclDouble, ncclSum, in place) per forward and per
+   backward on the stream passed to the call, and never synchronize the host: a training step
+   can be captured in a CUDA graph. The caller orders these collectives with its own NCCL calls
+   on the same communicator, as NCCL requires (same order on every rank). Plan creation and
+   syncbn_comm_split use an internal stream and do synchronize. syncbn_comm_split makes the
+   subgroups with ncclCommSplit (COLLECTIVE); the library owns and destroys those.
+   Errors: SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm or comm NULL), SYNCBN_ERROR_COMM (NCCL
+   failed to report rank or size), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL). */
+SYNCBN_API syncbn_status_t syncbn_comm_create_nccl(ncclComm_t nccl_comm, syncbn_comm_t* comm);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SYNCBN_SYNCBN_NCCL_H */

@@ -1,0 +1,38 @@
+/*
+ * syncbn: bootstrapping an NCCL communicator from MPI (C API). Needs mpi.h and nccl.h.
+ * Available when the library was built with both SYNCBN_WITH_MPI and SYNCBN_WITH_NCCL.
+ */
+#ifndef SYNCBN_SYNCBN_NCCL_MPI_H
+#define SYNCBN_SYNCBN_NCCL_MPI_H
+
+#include <mpi.h>
+#include <nccl.h>
+
+#include "syncbn/syncbn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* COLLECTIVE over mpi_comm. One GPU per local rank, and an NCCL communicator over the same
+   ranks in the same order:
+     1. local_rank = rank in MPI_Comm_split_type(mpi_comm, MPI_COMM_TYPE_SHARED) (the ranks on
+        this node); cudaSetDevice(local_rank % cudaGetDeviceCount) makes it current, so ranks
+        beyond the node's GPU count share GPUs round-robin;
+     2. rank 0 makes an ncclUniqueId and MPI_Bcast sends it to every rank;
+     3. ncclCommInitRank(nccl_comm, size, id, rank).
+   Before step 2 the ranks agree (MPI_Allreduce) that every rank found a GPU, so a rank without
+   one makes every rank fail instead of leaving the others in ncclCommInitRank. *nccl_comm is the
+   caller's: pass it to syncbn_comm_create_nccl and release it with ncclCommDestroy. local_rank
+   may be NULL. Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL,
+   MPI not initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank; the message names
+   the rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_NOT_SUPPORTED (built
+   without NCCL or MPI). */
+SYNCBN_API syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm,
+                                                     int* local_rank);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SYNCBN_SYNCBN_NCCL_MPI_H */
