@@ -37,7 +37,15 @@ int mpi_count(int64_t numel) {
 void broadcast_tensor(const torch::Tensor& t, MPI_Comm comm, int root) {
   if (!t.defined() || t.numel() == 0) return;
   if (!t.is_contiguous()) throw std::invalid_argument("broadcast_tensor: tensor not contiguous");
-  check_mpi(MPI_Bcast(t.data_ptr(), mpi_count(t.numel()), mpi_type(t), root, comm), "MPI_Bcast");
+  if (t.is_cpu()) {
+    check_mpi(MPI_Bcast(t.data_ptr(), mpi_count(t.numel()), mpi_type(t), root, comm),
+              "MPI_Bcast");
+    return;
+  }
+  const torch::Tensor host = t.to(torch::kCPU).contiguous();  // waits for t
+  check_mpi(MPI_Bcast(host.data_ptr(), mpi_count(host.numel()), mpi_type(host), root, comm),
+            "MPI_Bcast");
+  t.copy_(host);
 }
 
 // The gradient of p, created as zeros where backward left none.
@@ -61,6 +69,17 @@ int mpi_size(MPI_Comm comm) {
   return size;
 }
 
+int local_rank(MPI_Comm comm) {
+  MPI_Comm node = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, mpi_rank(comm), MPI_INFO_NULL, &node),
+            "MPI_Comm_split_type");
+  int rank = 0;
+  const int rc = MPI_Comm_rank(node, &rank);
+  MPI_Comm_free(&node);
+  check_mpi(rc, "MPI_Comm_rank");
+  return rank;
+}
+
 void broadcast_state(torch::nn::Module& module, MPI_Comm comm, int root) {
   torch::NoGradGuard no_grad;
   for (const torch::Tensor& p : module.parameters()) broadcast_tensor(p, comm, root);
@@ -72,27 +91,43 @@ void broadcast_buffers(torch::nn::Module& module, MPI_Comm comm, int root) {
   for (const torch::Tensor& b : module.buffers()) broadcast_tensor(b, comm, root);
 }
 
-void average_gradients(torch::nn::Module& module, MPI_Comm comm) {
+PackedGradients pack_gradients(torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> params;
+  PackedGradients packed;
   for (const torch::Tensor& p : module.parameters()) {
-    if (p.requires_grad()) params.push_back(p);
+    if (p.requires_grad()) packed.params.push_back(p);
   }
-  if (params.empty()) return;
+  if (packed.params.empty()) return packed;
   std::vector<torch::Tensor> flat_grads;
-  flat_grads.reserve(params.size());
-  for (torch::Tensor& p : params) flat_grads.push_back(gradient_of(p).reshape(-1));
-  torch::Tensor packed = torch::cat(flat_grads);  // a copy, in the promoted dtype
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, packed.data_ptr(), mpi_count(packed.numel()),
-                          mpi_type(packed), MPI_SUM, comm),
-            "MPI_Allreduce");
-  packed.div_(mpi_size(comm));
+  flat_grads.reserve(packed.params.size());
+  for (torch::Tensor& p : packed.params) flat_grads.push_back(gradient_of(p).reshape(-1));
+  packed.flat = torch::cat(flat_grads);  // a copy, in the promoted dtype
+  return packed;
+}
+
+void unpack_gradients(const PackedGradients& packed) {
+  torch::NoGradGuard no_grad;
   int64_t offset = 0;
-  for (torch::Tensor& p : params) {
+  for (const torch::Tensor& p : packed.params) {
     torch::Tensor& grad = p.mutable_grad();
-    grad.copy_(packed.narrow(0, offset, grad.numel()).view_as(grad));
+    grad.copy_(packed.flat.narrow(0, offset, grad.numel()).view_as(grad));
     offset += grad.numel();
   }
+}
+
+void average_gradients(torch::nn::Module& module, MPI_Comm comm) {
+  torch::NoGradGuard no_grad;
+  PackedGradients packed = pack_gradients(module);
+  if (packed.params.empty()) return;
+  // MPI sums host memory: a device buffer goes through a host copy and back.
+  const bool staged = !packed.flat.is_cpu();
+  torch::Tensor host = staged ? packed.flat.to(torch::kCPU) : packed.flat;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, host.data_ptr(), mpi_count(host.numel()),
+                          mpi_type(host), MPI_SUM, comm),
+            "MPI_Allreduce");
+  host.div_(mpi_size(comm));
+  if (staged) packed.flat.copy_(host);
+  unpack_gradients(packed);
 }
 
 double allreduce_sum(double value, MPI_Comm comm) {

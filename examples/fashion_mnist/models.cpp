@@ -46,10 +46,11 @@ void check_spatial_dims(int spatial_dims) {
 
 }  // namespace
 
-BatchNormFactory sync_batch_norm_factory(const syncbn::Communicator& comm) {
-  return [comm](int64_t features, int spatial_dims) {
+BatchNormFactory sync_batch_norm_factory(const syncbn::Communicator& comm,
+                                         torch::Device device) {
+  return [comm, device](int64_t features, int spatial_dims) {
     check_spatial_dims(spatial_dims);
-    return nn::AnyModule(SyncBatchNorm(comm, SyncBatchNormOptions(features)));
+    return nn::AnyModule(SyncBatchNorm(comm, SyncBatchNormOptions(features).device(device)));
   };
 }
 

@@ -19,8 +19,10 @@ namespace syncbn_examples {
 using BatchNormFactory =
     std::function<torch::nn::AnyModule(int64_t features, int spatial_dims)>;
 
-// syncbn's SyncBatchNorm over comm (statistics of the global batch). COLLECTIVE when called.
-BatchNormFactory sync_batch_norm_factory(const syncbn::Communicator& comm);
+// syncbn's SyncBatchNorm over comm (statistics of the global batch), with its parameters,
+// buffers and plans on device (SyncBatchNormOptions::device). COLLECTIVE when called.
+BatchNormFactory sync_batch_norm_factory(const syncbn::Communicator& comm,
+                                         torch::Device device = torch::kCPU);
 
 // torch::nn::BatchNorm1d / BatchNorm2d (statistics of the local batch only).
 BatchNormFactory torch_batch_norm_factory();

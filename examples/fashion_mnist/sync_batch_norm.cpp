@@ -5,6 +5,8 @@
 #include <utility>
 #include <vector>
 
+#include "cuda_device.hpp"
+
 namespace syncbn_examples {
 namespace {
 
@@ -52,6 +54,7 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
     torch::Tensor save_mean = torch::empty({state.num_features}, x.options());
     torch::Tensor save_invstd = torch::empty({state.num_features}, x.options());
     syncbn::BatchNorm plan = state.plan;
+    const CudaDeviceScope device(x.device());
     plan.forward_training(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
                           y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
                           data_or_null(state.running_mean), data_or_null(state.running_var),
@@ -81,6 +84,7 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
       dweight = torch::empty_like(save_mean);
       dbias = torch::empty_like(save_mean);
     }
+    const CudaDeviceScope device(x.device());
     plan.backward(shape_of(x), x.data_ptr(), dy.data_ptr(), data_or_null(weight),
                   save_mean.data_ptr(), save_invstd.data_ptr(), dx.data_ptr(),
                   data_or_null(dweight), data_or_null(dbias));
@@ -110,8 +114,10 @@ std::string describe(const torch::Tensor& t) {
   return s.str();
 }
 
-syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, syncbn_dtype_t dtype) {
+syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, syncbn_dtype_t dtype,
+                                 const torch::Device& device) {
   syncbn_config_t config = syncbn::make_config(o.num_features(), dtype);
+  config.device = device.is_cuda() ? SYNCBN_DEVICE_CUDA : SYNCBN_DEVICE_CPU;
   config.eps = o.eps();
   config.momentum = o.momentum().has_value() ? *o.momentum() : SYNCBN_MOMENTUM_CUMULATIVE;
   config.affine = o.affine() ? 1 : 0;
@@ -120,25 +126,42 @@ syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, syncbn_dtype_t d
   return config;
 }
 
+// The device of a layer, with the index made explicit for CUDA (the current device if none).
+torch::Device layer_device(const torch::Device& requested) {
+  if (requested.is_cpu()) return requested;
+  TORCH_CHECK(requested.is_cuda(), "SyncBatchNorm: CPU or CUDA devices only, got ", requested);
+  require_cuda("SyncBatchNorm on " + requested.str());
+  return torch::Device(torch::kCUDA, requested.has_index()
+                                         ? requested.index()
+                                         : static_cast<c10::DeviceIndex>(cuda_current_device()));
+}
+
 }  // namespace
 
 SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
                                      const SyncBatchNormOptions& options)
-    : options_(options),
-      plan_float32_(comm, make_plan_config(options, SYNCBN_FLOAT32)),
-      plan_float64_(comm, make_plan_config(options, SYNCBN_FLOAT64)) {
+    : options_(options), device_(layer_device(options.device())) {
+  options_.device(device_);
+  {
+    // CUDA plans belong to the device current at their creation.
+    const CudaDeviceScope device(device_);
+    plan_float32_ = syncbn::BatchNorm(comm, make_plan_config(options_, SYNCBN_FLOAT32, device_));
+    plan_float64_ = syncbn::BatchNorm(comm, make_plan_config(options_, SYNCBN_FLOAT64, device_));
+  }
   const int64_t c = options_.num_features();
+  const auto on_device = torch::TensorOptions().device(device_);
   if (options_.affine()) {
-    weight = register_parameter("weight", torch::ones({c}));
-    bias = register_parameter("bias", torch::zeros({c}));
+    weight = register_parameter("weight", torch::ones({c}, on_device));
+    bias = register_parameter("bias", torch::zeros({c}, on_device));
   } else {
     weight = register_parameter("weight", torch::Tensor(), /*requires_grad=*/false);
     bias = register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
   }
   if (options_.track_running_stats()) {
-    running_mean = register_buffer("running_mean", torch::zeros({c}));
-    running_var = register_buffer("running_var", torch::ones({c}));
-    num_batches_tracked = register_buffer("num_batches_tracked", torch::tensor(int64_t{0}));
+    running_mean = register_buffer("running_mean", torch::zeros({c}, on_device));
+    running_var = register_buffer("running_var", torch::ones({c}, on_device));
+    num_batches_tracked = register_buffer(
+        "num_batches_tracked", torch::tensor(int64_t{0}, on_device.dtype(torch::kInt64)));
   } else {
     running_mean = register_buffer("running_mean", torch::Tensor());
     running_var = register_buffer("running_var", torch::Tensor());
@@ -172,20 +195,59 @@ void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
   }
   stream << ", affine=" << std::boolalpha << options_.affine()
          << ", track_running_stats=" << options_.track_running_stats()
-         << ", channels_last=" << options_.channels_last() << ")";
+         << ", channels_last=" << options_.channels_last();
+  if (!device_.is_cpu()) stream << ", device=" << device_;
+  stream << ")";
 }
 
-// The plan for the input's dtype, after checking that parameters and statistics have that
-// dtype too. The shape is NOT checked here: a rank throwing before the collective would leave
-// its peers waiting in it. The library checks ndim and C inside the collective, so a bad shape
-// on one rank fails on every rank with a message naming it. A dtype that differs across ranks
-// selects different plans, which the library reports as SYNCBN_ERROR_CALL_MISMATCH everywhere.
-// Only what would make the library read memory wrongly is refused locally.
+void SyncBatchNormImpl::check_async_error() {
+#ifdef SYNCBN_EXAMPLE_CUDA
+  if (!device_.is_cuda()) return;
+  const CudaDeviceScope device(device_);
+  plan_float32_.check_async_error();
+  plan_float64_.check_async_error();
+#endif
+}
+
+void check_async_errors(torch::nn::Module& module) {
+  for (const auto& item : module.named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
+    auto bn = std::dynamic_pointer_cast<SyncBatchNormImpl>(item.value());
+    if (!bn) continue;
+    try {
+      bn->check_async_error();
+    } catch (const syncbn::Error& e) {
+      // e.what() is "STATUS: message"; the new Error puts the status in front again.
+      std::string message = e.what();
+      const std::string status = std::string(syncbn_status_string(e.status())) + ": ";
+      if (message.compare(0, status.size(), status) == 0) message.erase(0, status.size());
+      const std::string name = item.key().empty() ? "" : " " + item.key();
+      throw syncbn::Error(e.status(), "SyncBatchNorm" + name + ": " + message);
+    }
+  }
+}
+
+// The plan for the input's dtype, after checking that input, parameters and statistics are on
+// the layer's device and that parameters and statistics have the input's dtype. The shape is
+// NOT checked here: a rank throwing before the collective would leave its peers waiting in it.
+// The library checks ndim and C inside the collective, so a bad shape on one rank fails on
+// every rank with a message naming it. A dtype that differs across ranks selects different
+// plans, which the library reports as SYNCBN_ERROR_CALL_MISMATCH everywhere. Only what would
+// make the library read memory wrongly is refused locally.
 syncbn::BatchNorm& SyncBatchNormImpl::plan_for(const torch::Tensor& input) {
-  TORCH_CHECK(input.device().is_cpu(), "SyncBatchNorm: CPU tensors only, got ", describe(input));
+  TORCH_CHECK(input.device() == device_, "SyncBatchNorm: the layer is on ", device_,
+              " but the input is ", describe(input),
+              device_.is_cpu() ? "; for CUDA input construct the layer with "
+                                 "SyncBatchNormOptions::device"
+                               : "");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64,
               "SyncBatchNorm: float32 or float64 input only, got ", describe(input));
+  for (const torch::Tensor* t :
+       {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
+    TORCH_CHECK(!t->defined() || t->device() == device_, "SyncBatchNorm: the layer's plans are "
+                "for ", device_, " but its parameters/statistics are on ", t->device(),
+                "; the layer cannot move between devices (set SyncBatchNormOptions::device)");
+  }
   for (const torch::Tensor* t : {&weight, &bias, &running_mean, &running_var}) {
     TORCH_CHECK(!t->defined() || t->scalar_type() == dtype, "SyncBatchNorm: input is ", dtype,
                 " but parameters/statistics are ", t->scalar_type(),
@@ -224,6 +286,7 @@ torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input,
   const bool channels_last = options_.channels_last();
   const torch::Tensor x = to_plan_layout(input, channels_last);
   torch::Tensor y = torch::empty_like(x);
+  const CudaDeviceScope device(x.device());
   plan.forward_inference(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
                          data_or_null(running_mean), data_or_null(running_var), y.data_ptr());
   return from_plan_layout(y, channels_last);

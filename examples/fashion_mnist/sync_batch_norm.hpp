@@ -16,10 +16,19 @@
 // communication; collective over batch statistics when track_running_stats is off). It is not
 // differentiable: evaluate under torch::NoGradGuard.
 //
-// Data: float32 or float64 on the CPU (move the module with ->to(torch::kFloat64) for the
-// latter). Construction is COLLECTIVE too: it creates the layer's plans (one per dtype), which
-// checks that every rank configured the layer alike. The module is not clonable (clone() would
-// create plans on one rank only).
+// Data: float32 or float64 (move the module with ->to(torch::kFloat64) for the latter), on the
+// CPU or, in a build with the CUDA path (SYNCBN_EXAMPLE_CUDA), on the CUDA device given by
+// SyncBatchNormOptions::device. The device is fixed at construction: the layer's plans are made
+// for it and its parameters and buffers are created on it (num_batches_tracked as an int64
+// device tensor that the library increments on the device); input on another device is refused.
+// CUDA calls are enqueued on the legacy default stream (stream 0, PyTorch's default current
+// stream) with the layer's device made current; work on other streams must be synchronized
+// with it by the caller. Over an NCCL communicator, errors the group finds only on the device
+// (another rank's bad argument, a call mismatch) come back from check_async_error(), which a
+// trainer calls once per step (check_async_errors below); the failed call's outputs are NaN.
+// Construction is COLLECTIVE too: it creates the layer's plans (one per dtype), which checks
+// that every rank configured the layer alike. The module is not clonable (clone() would create
+// plans on one rank only).
 #ifndef SYNCBN_EXAMPLES_SYNC_BATCH_NORM_HPP
 #define SYNCBN_EXAMPLES_SYNC_BATCH_NORM_HPP
 
@@ -49,6 +58,9 @@ struct SyncBatchNormOptions {
   // Channels are the fastest-varying dimension in memory (NHWC, torch::MemoryFormat::ChannelsLast
   // for 4-D input). Input in the other layout is copied into this one.
   TORCH_ARG(bool, channels_last) = false;
+  // Where parameters, buffers and input live: the CPU, or a CUDA device (cuda:k; plain cuda:
+  // the CUDA runtime's current device at construction). CUDA needs a build with the CUDA path.
+  TORCH_ARG(torch::Device, device) = torch::kCPU;
 };
 
 class SyncBatchNormImpl : public torch::nn::Module {
@@ -66,7 +78,14 @@ class SyncBatchNormImpl : public torch::nn::Module {
 
   void pretty_print(std::ostream& stream) const override;
 
+  // CUDA plans: waits for the legacy default stream, then throws (syncbn::Error) the first error
+  // the device recorded in this layer's calls since the last check (NCCL communicators; see
+  // syncbn_plan_get_async_error) and clears it. Nothing to do on the CPU.
+  void check_async_error();
+
   const SyncBatchNormOptions& options() const { return options_; }
+  // The device of the layer's plans, parameters and buffers (with its index for CUDA).
+  const torch::Device& device() const { return device_; }
 
   torch::Tensor weight;               // (C), undefined when !affine
   torch::Tensor bias;                 // (C), undefined when !affine
@@ -79,11 +98,16 @@ class SyncBatchNormImpl : public torch::nn::Module {
   torch::Tensor forward_eval(const torch::Tensor& input, syncbn::BatchNorm& plan);
 
   SyncBatchNormOptions options_;
+  torch::Device device_;
   syncbn::BatchNorm plan_float32_;
   syncbn::BatchNorm plan_float64_;
 };
 
 TORCH_MODULE(SyncBatchNorm);
+
+// Calls check_async_error() of every SyncBatchNorm in module (module itself included); the
+// syncbn::Error names the layer ("SYNCBN_ERROR_...: SyncBatchNorm 1: rank 2: ...").
+void check_async_errors(torch::nn::Module& module);
 
 }  // namespace syncbn_examples
 

@@ -5,16 +5,30 @@
 // outputs with the reference it computes itself. For (N, C) and (N, C, H, W) input, channels
 // first and last, with and without affine parameters, momentum 0.1 and cumulative, float32 and
 // float64. Exits nonzero on any mismatch.
+//
+//   test_sync_batch_norm [--device cpu|cuda] [--comm mpi|nccl]
+//
+// --device cuda runs the module on one GPU per rank (local rank % GPUs), over syncbn's MPI
+// communicator (--comm mpi) or its NCCL one (--comm nccl; NCCL allows one rank per GPU), against
+// the same CPU reference; without a CUDA device it prints "SKIPPED: no CUDA device" and exits 0.
 #include <mpi.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cuda_device.hpp"
 #include "data_parallel.hpp"
 #include "sync_batch_norm.hpp"
 #include "syncbn/syncbn_mpi.hpp"
+#ifdef SYNCBN_EXAMPLE_NCCL
+#include "data_parallel_nccl.hpp"
+#include "syncbn/syncbn_nccl.hpp"
+#endif
 
 namespace {
 
@@ -51,7 +65,8 @@ class Checker {
     if (!a.defined()) return fail(what, "not computed");
     if (a.sizes() != b.sizes()) return fail(what, "shapes differ");
     if (a.numel() == 0) return;
-    const torch::Tensor a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
+    const torch::Tensor a64 = a.to(torch::kCPU, torch::kFloat64);
+    const torch::Tensor b64 = b.to(torch::kCPU, torch::kFloat64);
     const double diff = (a64 - b64).abs().max().item<double>();
     const double scale = std::max(1.0, b64.abs().max().item<double>());
     if (!(diff <= tolerance * scale)) fail(what, "max abs difference " + std::to_string(diff));
@@ -98,8 +113,8 @@ struct Reference {
       : running_mean(torch::zeros({kChannels}, dtype)),
         running_var(torch::ones({kChannels}, dtype)) {
     if (w.defined()) {
-      weight = w.detach().clone().requires_grad_();
-      bias = b.detach().clone().requires_grad_();
+      weight = w.detach().to(torch::kCPU).clone().requires_grad_();
+      bias = b.detach().to(torch::kCPU).clone().requires_grad_();
     }
   }
 
@@ -116,13 +131,24 @@ struct Reference {
 };
 
 torch::Tensor summed_over_ranks(const torch::Tensor& local, MPI_Comm comm) {
-  torch::Tensor sum = local.to(torch::kFloat64).contiguous();
+  torch::Tensor sum = local.to(torch::kCPU, torch::kFloat64).contiguous();
   MPI_Allreduce(MPI_IN_PLACE, sum.data_ptr(), static_cast<int>(sum.numel()), MPI_DOUBLE,
                 MPI_SUM, comm);
   return sum;
 }
 
-void run_case(const Case& c, const syncbn::Communicator& comm, MPI_Comm mpi, Checker& check) {
+// The communicator and device the module runs on.
+struct Setup {
+#ifdef SYNCBN_EXAMPLE_NCCL
+  std::unique_ptr<syncbn_examples::NcclCommunicator> nccl;  // outlives comm
+#endif
+  syncbn::Communicator comm;
+  torch::Device device = torch::kCPU;
+};
+
+void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
+  const syncbn::Communicator& comm = setup.comm;
+  const torch::Device device = setup.device;
   const int rank = syncbn_examples::mpi_rank(mpi), ranks = syncbn_examples::mpi_size(mpi);
   const auto [offset, count] = share(rank, ranks);
   const double tol = c.tolerance();
@@ -131,7 +157,8 @@ void run_case(const Case& c, const syncbn::Communicator& comm, MPI_Comm mpi, Che
   SyncBatchNorm bn(comm, SyncBatchNormOptions(kChannels)
                              .affine(c.affine)
                              .momentum(c.momentum)
-                             .channels_last(c.channels_last));
+                             .channels_last(c.channels_last)
+                             .device(device));
   bn->to(c.dtype);
   torch::manual_seed(7);  // the same global data and parameters on every rank
   if (c.affine) {
@@ -152,9 +179,11 @@ void run_case(const Case& c, const syncbn::Communicator& comm, MPI_Comm mpi, Che
     (y_ref * g).sum().backward();
 
     bn->train();
-    const torch::Tensor x_local = in_layout(x.narrow(0, offset, count), c).requires_grad_();
+    const torch::Tensor x_local =
+        in_layout(x.narrow(0, offset, count), c).to(device).requires_grad_();
     const torch::Tensor y_local = bn(x_local);
-    (y_local * g.narrow(0, offset, count)).sum().backward();
+    (y_local * g.narrow(0, offset, count).to(device)).sum().backward();
+    bn->check_async_error();  // CUDA over NCCL: errors the device found; nothing otherwise
 
     const std::string at = name + " step " + std::to_string(step);
     check.expect_close(at + " y", y_local, y_ref.narrow(0, offset, count), tol);
@@ -179,20 +208,23 @@ void run_case(const Case& c, const syncbn::Communicator& comm, MPI_Comm mpi, Che
   torch::NoGradGuard no_grad;
   bn->eval();
   const torch::Tensor x = (torch::randn(shape) * 3 + 2).to(c.dtype);
-  check.expect_close(name + " eval y", bn(in_layout(x.narrow(0, offset, count), c)),
+  check.expect_close(name + " eval y", bn(in_layout(x.narrow(0, offset, count), c).to(device)),
                      ref.forward(x, false, c).narrow(0, offset, count), tol);
 }
 
 // A wrong channel count on the last rank only: every rank gets the error naming that rank, and
 // no rank is left waiting in the collective (the module leaves shape checks to the library).
-void run_bad_shape_case(const syncbn::Communicator& comm, MPI_Comm mpi, Checker& check) {
-  SyncBatchNorm bn(comm, SyncBatchNormOptions(kChannels));
+// Over NCCL the other ranks learn it from the device (check_async_error), not from the call.
+void run_bad_shape_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
+  SyncBatchNorm bn(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
   const int last = syncbn_examples::mpi_size(mpi) - 1;
   const bool bad = syncbn_examples::mpi_rank(mpi) == last;
-  const torch::Tensor x = torch::randn({4, bad ? kChannels + 1 : kChannels, 5});
+  const torch::Tensor x =
+      torch::randn({4, bad ? kChannels + 1 : kChannels, 5}).to(setup.device);
   std::string message;
   try {
     bn(x);
+    bn->check_async_error();
   } catch (const std::exception& e) {
     message = e.what();
   }
@@ -220,21 +252,84 @@ std::vector<Case> all_cases() {
   return cases;
 }
 
+// --device cpu|cuda, --comm mpi|nccl.
+void parse_arguments(int argc, char** argv, std::string& device, std::string& comm) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if ((arg == "--device" || arg == "--comm") && i + 1 < argc) {
+      (arg == "--device" ? device : comm) = argv[++i];
+    } else {
+      throw std::invalid_argument("unknown argument '" + arg +
+                                  "' (usage: [--device cpu|cuda] [--comm mpi|nccl])");
+    }
+  }
+  if (device != "cpu" && device != "cuda") throw std::invalid_argument("--device cpu|cuda");
+  if (comm != "mpi" && comm != "nccl") throw std::invalid_argument("--comm mpi|nccl");
+  if (comm == "nccl" && device != "cuda") throw std::invalid_argument("--comm nccl: --device cuda");
+}
+
+// COLLECTIVE. The communicator and, for CUDA, this rank's GPU made current.
+void set_up(const std::string& device, const std::string& comm, Setup& setup) {
+  if (device == "cpu") {
+    setup.comm = syncbn::mpi_communicator(MPI_COMM_WORLD);
+    return;
+  }
+  if (comm == "nccl") {
+#ifdef SYNCBN_EXAMPLE_NCCL
+    setup.nccl = std::make_unique<syncbn_examples::NcclCommunicator>(MPI_COMM_WORLD);
+    setup.device =
+        torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(setup.nccl->device()));
+    setup.comm = syncbn::nccl_communicator(setup.nccl->get());
+    return;
+#else
+    throw std::invalid_argument("--comm nccl: built without NCCL (SYNCBN_WITH_NCCL=OFF)");
+#endif
+  }
+  setup.device = torch::Device(
+      torch::kCUDA,
+      static_cast<c10::DeviceIndex>(syncbn_examples::select_local_cuda_device(MPI_COMM_WORLD)));
+  setup.comm = syncbn::mpi_communicator(MPI_COMM_WORLD);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  // With --device cuda, the module's backward (and its MPI allreduce) runs on autograd's CUDA
+  // thread while the main thread waits: one thread at a time.
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+  const int rank = syncbn_examples::mpi_rank(MPI_COMM_WORLD);
   int64_t failures = 1;
+  // Outlives the handler below: a failing rank aborts before tearing down communicators that
+  // its peers may be waiting in.
+  auto setup = std::make_unique<Setup>();
   try {
-    const syncbn::Communicator comm = syncbn::mpi_communicator(MPI_COMM_WORLD);
+    std::string device = "cpu", comm = "mpi";
+    parse_arguments(argc, argv, device, comm);
+    if (device == "cuda" &&
+        !(syncbn_examples::built_with_cuda() && torch::cuda::is_available())) {
+      if (rank == 0) {
+        std::printf("test_sync_batch_norm: SKIPPED: no CUDA device (%s)\n",
+                    syncbn_examples::built_with_cuda() ? "torch::cuda::is_available() is false"
+                                                       : "built without SYNCBN_WITH_CUDA");
+      }
+      MPI_Finalize();
+      return 0;
+    }
+    if (device == "cuda" && comm == "mpi" && provided < MPI_THREAD_SERIALIZED) {
+      throw std::runtime_error("--device cuda --comm mpi needs MPI_THREAD_SERIALIZED, this MPI "
+                               "provides level " + std::to_string(provided));
+    }
+    set_up(device, comm, *setup);
     Checker check(MPI_COMM_WORLD);
     const std::vector<Case> cases = all_cases();
-    for (const Case& c : cases) run_case(c, comm, MPI_COMM_WORLD, check);
-    run_bad_shape_case(comm, MPI_COMM_WORLD, check);
+    for (const Case& c : cases) run_case(c, *setup, MPI_COMM_WORLD, check);
+    run_bad_shape_case(*setup, MPI_COMM_WORLD, check);
     failures = check.total_failures();
-    if (syncbn_examples::mpi_rank(MPI_COMM_WORLD) == 0) {
-      std::printf("test_sync_batch_norm: %zu cases on %d ranks: %s\n", cases.size(),
-                  syncbn_examples::mpi_size(MPI_COMM_WORLD),
+    setup.reset();  // the syncbn communicator, then the NCCL one
+    if (rank == 0) {
+      std::printf("test_sync_batch_norm: %zu cases on %d ranks, %s over %s: %s\n", cases.size(),
+                  syncbn_examples::mpi_size(MPI_COMM_WORLD), device.c_str(), comm.c_str(),
                   failures == 0 ? "all passed" : "FAILED");
     }
   } catch (const std::exception& e) {  // the other ranks may be waiting in a collective

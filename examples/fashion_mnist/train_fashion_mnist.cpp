@@ -10,7 +10,10 @@
 // from the same parameters (same seed, then broadcast from rank 0), computes the mean loss over
 // its local batch, and after backward the parameter gradients are averaged over the ranks (one
 // MPI_Allreduce) before the SGD step. Rank 0 prints one line per epoch and a final JSON line.
-// README.md has the details.
+// With --device cuda each rank runs on one GPU (local rank % GPUs of the node), and the ranks
+// talk through NCCL (--comm nccl: syncbn's NCCL communicator for batch norm, ncclAllReduce for
+// the gradients) or MPI (--comm mpi: syncbn stages its buffers through host memory, and so does
+// the gradient averaging). README.md has the details.
 #include <mpi.h>
 #include <omp.h>
 #include <torch/torch.h>
@@ -21,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -29,10 +33,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_device.hpp"
 #include "data_parallel.hpp"
 #include "fashion_mnist_data.hpp"
 #include "models.hpp"
+#include "sync_batch_norm.hpp"
 #include "syncbn/syncbn_mpi.hpp"
+#ifdef SYNCBN_EXAMPLE_NCCL
+#include "data_parallel_nccl.hpp"
+#include "syncbn/syncbn_nccl.hpp"
+#endif
 
 namespace {
 
@@ -54,6 +64,8 @@ struct Options {
   int threads = 0;
   std::string dtype = "float32";
   std::string data = kDefaultFashionMnistDir;
+  std::string device = "cpu";
+  std::string comm = "auto";  // resolved to mpi or nccl by resolve_device_options
   bool check_equivalence = false;
 };
 
@@ -92,6 +104,17 @@ void add_options(CLI::App& app, Options& o) {
       ->capture_default_str();
   app.add_option("--data", o.data, "directory of the gzipped Fashion-MNIST IDX files")
       ->capture_default_str();
+  app.add_option("--device", o.device,
+                 "where the model runs: cpu, or cuda (one GPU per rank: the local rank modulo "
+                 "the node's GPU count; needs a build with SYNCBN_WITH_CUDA and a CUDA libtorch)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app.add_option("--comm", o.comm,
+                 "communication of batch norm and gradients: mpi, or nccl (--device cuda, a "
+                 "build with SYNCBN_WITH_NCCL); auto: nccl for --device cuda when built with "
+                 "NCCL, else mpi")
+      ->check(CLI::IsMember({"auto", "mpi", "nccl"}))
+      ->capture_default_str();
   app.add_flag("--check-equivalence", o.check_equivalence,
                "rank 0 also trains a reference copy of the model in one process on the whole "
                "global batch, with torch::nn::BatchNorm1d/2d, from the same initial parameters, "
@@ -105,6 +128,28 @@ torch::Dtype dtype_of(const Options& o) {
   return o.dtype == "float64" ? torch::kFloat64 : torch::kFloat32;
 }
 
+// Resolves --comm auto and refuses what this build or machine cannot do, with the reason.
+// mpi_thread_level: what MPI_Init_thread provided.
+void resolve_device_options(Options& o, int mpi_thread_level) {
+  if (o.comm == "auto") o.comm = (o.device == "cuda" && built_with_nccl()) ? "nccl" : "mpi";
+  if (o.device == "cpu") {
+    if (o.comm == "nccl") throw std::invalid_argument("--comm nccl needs --device cuda");
+    return;
+  }
+  require_cuda("--device cuda");
+  if (o.comm == "nccl" && !built_with_nccl()) {
+    throw std::invalid_argument(
+        "--comm nccl: this build has no NCCL support (configure syncbn with "
+        "-DSYNCBN_WITH_NCCL=ON, NCCL found through NCCL_HOME); use --comm mpi");
+  }
+  if (o.comm == "mpi" && o.bn == "sync" && mpi_thread_level < MPI_THREAD_SERIALIZED) {
+    throw std::runtime_error(
+        "--device cuda --comm mpi --bn sync: syncbn's backward calls MPI from autograd's CUDA "
+        "thread, which needs MPI_THREAD_SERIALIZED; this MPI provides only level " +
+        std::to_string(mpi_thread_level) + " (use --comm nccl)");
+  }
+}
+
 // ---- data ------------------------------------------------------------------------------------
 
 struct Dataset {
@@ -112,6 +157,13 @@ struct Dataset {
   torch::Tensor labels;  // (n) int64
   int64_t size() const { return labels.size(0); }
 };
+
+// The whole split on device (nothing is copied for the CPU).
+Dataset on_device(Dataset d, const torch::Device& device) {
+  d.images = d.images.to(device);
+  d.labels = d.labels.to(device);
+  return d;
+}
 
 Dataset to_tensors(FashionMnistSplit split, torch::Dtype dtype) {
   const auto uint8 = torch::TensorOptions(torch::kUInt8);
@@ -162,21 +214,26 @@ Replica make_replica(torch::nn::Sequential model, const Options& o) {
   return Replica{std::move(model), std::move(optimizer)};
 }
 
-// One SGD step on samples indices[0, count) with the mean cross-entropy over them. With a
-// communicator, the gradients are averaged over its ranks before the step. Returns the loss.
-double train_step(Replica& r, const Dataset& data, const int64_t* indices, int64_t count,
-                  std::optional<MPI_Comm> average_over) {
+// Averages the gradients of a model over the ranks.
+using GradientAverager = std::function<void(torch::nn::Module&)>;
+
+// One SGD step on samples indices[0, count) with the mean cross-entropy over them. With an
+// averager, the gradients are averaged over the ranks before the step. Returns the loss (a
+// scalar tensor; reading it on a GPU waits for the step).
+torch::Tensor train_step(Replica& r, const Dataset& data, const int64_t* indices, int64_t count,
+                         const GradientAverager& average_gradients) {
   const torch::Tensor index =
-      torch::from_blob(const_cast<int64_t*>(indices), {count}, torch::kInt64);
+      torch::from_blob(const_cast<int64_t*>(indices), {count}, torch::kInt64)
+          .to(data.images.device());
   const torch::Tensor x = data.images.index_select(0, index);
   const torch::Tensor y = data.labels.index_select(0, index);
   r.model->train();
   r.optimizer->zero_grad();
   const torch::Tensor loss = torch::nn::functional::cross_entropy(r.model->forward(x), y);
   loss.backward();
-  if (average_over) average_gradients(*r.model, *average_over);
+  if (average_gradients) average_gradients(*r.model);
   r.optimizer->step();
-  return loss.item<double>();
+  return loss.detach();
 }
 
 // Test accuracy in evaluation mode: each rank classifies its share of the test set, and the
@@ -287,8 +344,9 @@ class Run {
         world_(world),
         rank_(mpi_rank(world)),
         ranks_(mpi_size(world)),
-        train_(load_split(o.data, "train", dtype_of(o))),
-        test_(load_split(o.data, "t10k", dtype_of(o))) {
+        device_(setup_device()),
+        train_(on_device(load_split(o.data, "train", dtype_of(o)), device_)),
+        test_(on_device(load_split(o.data, "t10k", dtype_of(o)), device_)) {
     steps_per_epoch_ = train_.size() / global_batch();
     if (steps_per_epoch_ == 0) {
       throw std::invalid_argument("global batch " + std::to_string(global_batch()) +
@@ -297,12 +355,12 @@ class Run {
     }
     torch::manual_seed(o.seed);
     torch::nn::Sequential model = make_model(o.model, batch_norm_factory());
-    model->to(dtype_of(o));
+    model->to(device_, dtype_of(o));
     model_.emplace(make_replica(model, o));
     broadcast_state(*model_->model, world_);
     if (o.check_equivalence && rank_ == 0) {
       torch::nn::Sequential copy = make_model(o.model, torch_batch_norm_factory());
-      copy->to(dtype_of(o));
+      copy->to(device_, dtype_of(o));
       copy_state(*model_->model, *copy);
       reference_.emplace(make_replica(copy, o));
     }
@@ -330,6 +388,8 @@ class Run {
     json.add("ranks", int64_t{ranks_})
         .add("model", o_.model)
         .add("bn", o_.bn)
+        .add("device", o_.device)
+        .add("comm", o_.comm)
         .add("batch_per_rank", o_.batch_per_rank)
         .add("global_batch", global_batch())
         .add("steps", r.steps)
@@ -348,10 +408,55 @@ class Run {
 
   bool reached_max_steps(int64_t steps) const { return o_.max_steps > 0 && steps >= o_.max_steps; }
 
+  // The CPU, or this rank's GPU made current: by the NCCL bootstrap for --comm nccl, else as
+  // the bootstrap would choose it (local rank % device count).
+  torch::Device setup_device() {
+    if (o_.device == "cpu") return torch::kCPU;
+#ifdef SYNCBN_EXAMPLE_NCCL
+    if (o_.comm == "nccl") {
+      nccl_ = std::make_unique<NcclCommunicator>(world_);
+      return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(nccl_->device()));
+    }
+#endif
+    return torch::Device(torch::kCUDA,
+                         static_cast<c10::DeviceIndex>(select_local_cuda_device(world_)));
+  }
+
   BatchNormFactory batch_norm_factory() {
     if (o_.bn == "local") return torch_batch_norm_factory();
+#ifdef SYNCBN_EXAMPLE_NCCL
+    if (nccl_) {
+      comm_ = syncbn::nccl_communicator(nccl_->get());
+      return sync_batch_norm_factory(comm_, device_);
+    }
+#endif
     comm_ = syncbn::mpi_communicator(world_);
-    return sync_batch_norm_factory(comm_);
+    return sync_batch_norm_factory(comm_, device_);
+  }
+
+  // With NCCL, one ncclAllReduce on the GPU; with MPI, one MPI_Allreduce (of a host copy for
+  // CUDA tensors).
+  void average_gradients_over_ranks(torch::nn::Module& model) {
+#ifdef SYNCBN_EXAMPLE_NCCL
+    if (nccl_) return average_gradients(model, *nccl_);
+#endif
+    average_gradients(model, world_);
+  }
+
+  // On a GPU, once per step, where the step is waited for anyway (before reading the loss):
+  // the errors that syncbn's CUDA plans over NCCL, and NCCL itself, only find on the device
+  // (another rank's bad argument, a call mismatch, a failed peer). Throws if there is one.
+  void check_device_errors(int64_t step) {
+    if (!device_.is_cuda()) return;
+    try {
+      check_async_errors(*model_->model);  // waits for the legacy default stream
+#ifdef SYNCBN_EXAMPLE_NCCL
+      if (nccl_) nccl_->check_async_error();
+#endif
+    } catch (const std::exception& e) {
+      throw std::runtime_error("step " + std::to_string(step) +
+                               ": error reported by the device: " + e.what());
+    }
   }
 
   // Returns the number of steps taken and the sum of this rank's losses.
@@ -362,8 +467,12 @@ class Run {
     double loss_sum = 0;
     for (; steps < steps_per_epoch_ && !reached_max_steps(steps_before + steps); ++steps) {
       const int64_t* global = order.data() + steps * global_batch();
-      loss_sum += train_step(*model_, train_, global + rank_ * b, b, world_);
-      if (reference_) train_step(*reference_, train_, global, global_batch(), std::nullopt);
+      const torch::Tensor loss =
+          train_step(*model_, train_, global + rank_ * b, b,
+                     [this](torch::nn::Module& m) { average_gradients_over_ranks(m); });
+      check_device_errors(steps_before + steps + 1);
+      loss_sum += loss.item<double>();
+      if (reference_) train_step(*reference_, train_, global, global_batch(), nullptr);
     }
     return {steps, loss_sum};
   }
@@ -379,10 +488,11 @@ class Run {
   void print_header() const {
     if (rank_ != 0) return;
     std::printf("train_fashion_mnist: %d ranks x batch %lld = global batch %lld, model %s, bn %s, "
-                "lr %g, momentum %g, %lld steps/epoch, %d threads/rank\n",
+                "device %s, comm %s, lr %g, momentum %g, %lld steps/epoch, %d threads/rank\n",
                 ranks_, static_cast<long long>(o_.batch_per_rank),
-                static_cast<long long>(global_batch()), o_.model.c_str(), o_.bn.c_str(), o_.lr,
-                o_.momentum, static_cast<long long>(steps_per_epoch_), torch::get_num_threads());
+                static_cast<long long>(global_batch()), o_.model.c_str(), o_.bn.c_str(),
+                o_.device.c_str(), o_.comm.c_str(), o_.lr, o_.momentum,
+                static_cast<long long>(steps_per_epoch_), torch::get_num_threads());
     std::fflush(stdout);
   }
 
@@ -397,6 +507,11 @@ class Run {
   const MPI_Comm world_;
   const int rank_;
   const int ranks_;
+#ifdef SYNCBN_EXAMPLE_NCCL
+  // --comm nccl. Declared before everything made from it, so that it is destroyed last.
+  std::unique_ptr<NcclCommunicator> nccl_;
+#endif
+  const torch::Device device_;
   const Dataset train_;
   const Dataset test_;
   int64_t steps_per_epoch_ = 0;
@@ -411,16 +526,22 @@ void configure_threads(int threads) {
   omp_set_num_threads(threads);  // syncbn's kernels
 }
 
-// MPI_Init_thread .. MPI_Finalize. MPI calls are made from the main thread only.
+// MPI_Init_thread .. MPI_Finalize. MPI calls are made by one thread at a time: the main
+// thread, except that with --device cuda --comm mpi syncbn's backward allreduce runs on
+// autograd's CUDA worker thread while the main thread waits in backward(), hence
+// MPI_THREAD_SERIALIZED.
 class MpiSession {
  public:
   MpiSession(int* argc, char*** argv) {
-    int provided = 0;
-    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+    MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided_);
   }
   ~MpiSession() { MPI_Finalize(); }
   MpiSession(const MpiSession&) = delete;
   MpiSession& operator=(const MpiSession&) = delete;
+  int provided() const { return provided_; }
+
+ private:
+  int provided_ = MPI_THREAD_SINGLE;
 };
 
 // A rank that fails cannot leave the others waiting in a collective: abort them all.
@@ -444,10 +565,15 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return rank == 0 ? app.exit(e) : e.get_exit_code();  // every rank parsed the same argv
   }
+  // Outlives the handlers below, so that a failed rank aborts the job before it tears down
+  // communicators its peers may still be waiting in.
+  std::unique_ptr<Run> run;
   try {
     configure_threads(options.threads);
-    Run run(options, MPI_COMM_WORLD);
-    run.report(run.train());
+    resolve_device_options(options, mpi.provided());
+    run = std::make_unique<Run>(options, MPI_COMM_WORLD);
+    run->report(run->train());
+    run.reset();
     return 0;
   } catch (const c10::Error& e) {
     return fail(rank, e.what_without_backtrace());

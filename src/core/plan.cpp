@@ -252,7 +252,8 @@ ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
   return err;
 }
 
-ArgError Plan::check_forward(const ForwardArgs& a, cpu::Geometry* g, std::int64_t* count) const {
+ArgError Plan::check_forward(const ForwardArgs& a, bool track, cpu::Geometry* g,
+                             std::int64_t* count) const {
   ArgError err = check_shape(a.shape, g);
   *count = err ? 0 : g->count_per_channel();
   require(err, *count == 0 || a.x != nullptr, Arg::x);
@@ -261,6 +262,10 @@ ArgError Plan::check_forward(const ForwardArgs& a, cpu::Geometry* g, std::int64_
   require(err, !config_.affine || a.bias != nullptr, Arg::bias);
   require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
           Problem::not_null);
+  require(err, !track || a.running_mean != nullptr, Arg::running_mean);
+  require(err, !track || a.running_var != nullptr, Arg::running_var);
+  require(err, !track || !std::isnan(config_.momentum) || a.num_batches_tracked != nullptr,
+          Arg::num_batches_tracked);
   return err;
 }
 
@@ -285,15 +290,10 @@ template <class T>
 void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   const std::int64_t C = config_.num_features;
   const bool track = op == Op::forward_training && config_.track_running_stats;
-  const bool cumulative = std::isnan(config_.momentum);
 
   cpu::Geometry g;
   std::int64_t count = 0;
-  ArgError err = check_forward(a, &g, &count);
-  require(err, !track || a.running_mean != nullptr, Arg::running_mean);
-  require(err, !track || a.running_var != nullptr, Arg::running_var);
-  require(err, !track || !cumulative || a.num_batches_tracked != nullptr,
-          Arg::num_batches_tracked);
+  ArgError err = check_forward(a, track, &g, &count);
   require(err, !track || a.num_batches_tracked == nullptr || *a.num_batches_tracked >= 0,
           Arg::num_batches_tracked, Problem::negative);
 
@@ -352,7 +352,7 @@ void Plan::forward_running_stats(const ForwardArgs& a) {
   const std::int64_t C = config_.num_features;
   cpu::Geometry g;
   std::int64_t count = 0;
-  ArgError err = check_forward(a, &g, &count);
+  ArgError err = check_forward(a, false, &g, &count);
   require(err, a.running_mean != nullptr, Arg::running_mean);
   require(err, a.running_var != nullptr, Arg::running_var);
   if (err) fail_local(comm_->rank(), err);  // no collective here: nobody else waits

@@ -94,8 +94,10 @@ class Plan {
   // Checks shape against the plan; fills geometry and the per-channel count.
   ArgError check_shape(const TensorShape& shape, cpu::Geometry* geometry) const;
   // What every forward checks: the shape, x and y (unless the tensor is empty), weight and bias
-  // (when affine), the stream. Fills the geometry and the per-channel count (0 on error).
-  ArgError check_forward(const ForwardArgs& args, cpu::Geometry* geometry,
+  // (when affine), the stream (NULL on the CPU), and with track the running statistics and
+  // num_batches_tracked (when momentum is cumulative). Fills the geometry and the per-channel
+  // count (0 on error).
+  ArgError check_forward(const ForwardArgs& args, bool track, cpu::Geometry* geometry,
                          std::int64_t* count) const;
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
   // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws

@@ -147,6 +147,16 @@ void check_device(ArgError& err, const CudaResources& res, void*& stream) {
   }
 }
 
+// What the reduction writes next to this rank's sums (a failing rank: its error, count 0).
+cuda::GuardWrite guard_write(int rank, const ArgError& err, const Fingerprint& fp,
+                             std::int64_t count, const std::int64_t* num_batches_tracked) {
+  cuda::GuardWrite gw{};
+  put_guards(gw.slots, rank, err, fp);
+  gw.count = err ? 0.0 : static_cast<double>(count);
+  gw.num_batches_tracked = err ? nullptr : reinterpret_cast<const long long*>(num_batches_tracked);
+  return gw;
+}
+
 // Sums [guards | data_slots] over the group (see the file comment). Throws the verdict where the
 // host can reach it; for NCCL only this rank's own error.
 void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t data_slots,
@@ -195,24 +205,17 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   CudaResources& res = resources(device_);
   const std::int64_t C = config_.num_features;
   const bool track = op == Op::forward_training && config_.track_running_stats;
-  const bool cumulative = std::isnan(config_.momentum);
   Geometry g;
   std::int64_t count = 0;
-  ArgError err = check_forward(a, &g, &count);
-  require(err, !track || a.running_mean != nullptr, Arg::running_mean);
-  require(err, !track || a.running_var != nullptr, Arg::running_var);
-  require(err, !track || !cumulative || a.num_batches_tracked != nullptr,
-          Arg::num_batches_tracked);
+  ArgError err = check_forward(a, track, &g, &count);
   void* stream = a.stream;
   check_device(err, res, stream);
   DeviceSwitch on(res.device);
   if (err) count = 0;
 
   const Fingerprint fp = next_fingerprint(op);
-  cuda::GuardWrite gw{};
-  put_guards(gw.slots, comm_->rank(), err, fp);
-  gw.count = static_cast<double>(count);
-  gw.num_batches_tracked = track && !err ? reinterpret_cast<const long long*>(a.num_batches_tracked) : nullptr;
+  const cuda::GuardWrite gw =
+      guard_write(comm_->rank(), err, fp, count, track ? a.num_batches_tracked : nullptr);
   if (count > 0) {
     cuda::reduce_moments(res.state, g, a.x, gw, stream);
   } else {
@@ -243,7 +246,7 @@ void Plan::cuda_forward_running_stats(const ForwardArgs& a) {
   CudaResources& res = resources(device_);
   Geometry g;
   std::int64_t count = 0;
-  ArgError err = check_forward(a, &g, &count);
+  ArgError err = check_forward(a, false, &g, &count);
   require(err, a.running_mean != nullptr, Arg::running_mean);
   require(err, a.running_var != nullptr, Arg::running_var);
   void* stream = a.stream;
@@ -274,10 +277,7 @@ void Plan::cuda_backward(const BackwardArgs& a) {
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
   const bool keep_local = param_grads && !config_.global_param_grads;
   const Fingerprint fp = next_fingerprint(Op::backward);
-  cuda::GuardWrite gw{};
-  put_guards(gw.slots, comm_->rank(), err, fp);
-  gw.count = static_cast<double>(count);
-  gw.num_batches_tracked = nullptr;
+  const cuda::GuardWrite gw = guard_write(comm_->rank(), err, fp, count, nullptr);
   if (count > 0) {
     cuda::reduce_grad(res.state, g, a.x, a.dy, a.save_mean, keep_local, gw, stream);
   } else {

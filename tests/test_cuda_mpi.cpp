@@ -1,0 +1,252 @@
+// Multi-process GPU tests over the MPI communicator: every rank makes device
+// (node-local rank) % (device count) current, so that at 2, 3, 4 ranks on a one-GPU machine
+// several processes share the GPU. On every rank the outputs of CUDA plans (fp32, fp64, fp16,
+// bf16; both layouts) equal the single-process fp64 reference over the concatenated global batch
+// (tests/cuda_scenarios.hpp), with uneven N per rank and ranks with N = 0. An empty global batch
+// (and m == 1 with tracking) fails in the call itself on every rank, as on the CPU, and changes
+// nothing; so does one rank's bad argument.
+//
+// Every GPU test skips on every rank where some rank sees no CUDA device (decided collectively);
+// the no-device behaviour is tested where no rank sees one. Run by ctest under mpiexec; the
+// shared main (mpi_main.cpp) reduces the verdict.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cuda_helpers.hpp"
+#include "cuda_scenarios.hpp"
+#include "mpi_helpers.hpp"
+#include "reference.hpp"
+#include "syncbn/syncbn.h"
+#include "syncbn/syncbn_mpi.h"
+
+namespace {
+
+using namespace syncbn_test;
+
+const syncbn_dtype_t kAllDtypes[] = {SYNCBN_FLOAT32, SYNCBN_FLOAT64, SYNCBN_FLOAT16,
+                                     SYNCBN_BFLOAT16};
+
+// In a TEST body, on every rank alike.
+#define SKIP_UNLESS_EVERY_RANK_HAS_CUDA()                                        \
+  do {                                                                           \
+    if (!every_rank_has_cuda()) GTEST_SKIP() << "some rank sees no CUDA device"; \
+  } while (0)
+
+// ---- without a GPU ----------------------------------------------------------------------------
+
+// A CUDA plan on an MPI communicator where no device is usable: SYNCBN_ERROR_INVALID_ARGUMENT
+// naming the device, on every rank (nobody is left waiting).
+TEST(CudaMpiNoDevice, PlanCreateFailsOnEveryRank) {
+  if (!no_rank_has_cuda()) GTEST_SKIP() << "a rank sees a CUDA device";
+  CommHandle world = world_comm();
+  for (syncbn_dtype_t dtype : kAllDtypes) {
+    SCOPED_TRACE(std::string(dtype_name(dtype)) + ", " + rank_tag());
+    syncbn_config_t cfg;
+    syncbn_config_init(&cfg, 3, dtype);
+    cfg.device = SYNCBN_DEVICE_CUDA;
+    syncbn_plan_t plan = nullptr;
+    EXPECT_EQ(syncbn_plan_create(world.get(), &cfg, &plan), SYNCBN_ERROR_INVALID_ARGUMENT)
+        << syncbn_last_error();
+    EXPECT_TRUE(message_names({"device"}));
+    EXPECT_EQ(plan, nullptr);
+    PlanHandle keep(plan);
+  }
+}
+
+// ---- outputs against the reference over the global batch ---------------------------------------
+
+using Param = std::tuple<syncbn_dtype_t, syncbn_layout_t, CudaScenario>;
+class CudaMpiCorrectness : public ::testing::TestWithParam<Param> {};
+
+TEST_P(CudaMpiCorrectness, MatchesReferenceOverGlobalBatch) {
+  const auto& [dtype, layout, sc] = GetParam();
+  SKIP_UNLESS_EVERY_RANK_HAS_CUDA();
+  std::string why;
+  if (!scenario_fits(sc, &why)) GTEST_SKIP() << why;
+  select_device_for_rank();
+  CommHandle world = world_comm();
+  run_cuda_scenario(dtype, layout, sc, world.get());
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaMpiCorrectness,
+                         ::testing::Combine(::testing::ValuesIn(kAllDtypes),
+                                            ::testing::Values(SYNCBN_CHANNELS_FIRST,
+                                                              SYNCBN_CHANNELS_LAST),
+                                            ::testing::ValuesIn(cuda_scenarios())),
+                         [](const ::testing::TestParamInfo<Param>& info) {
+                           return std::string(std::get<2>(info.param).name) + "_" +
+                                  dtype_name(std::get<0>(info.param)) + "_" +
+                                  layout_name(std::get<1>(info.param));
+                         });
+
+// ---- failures: returned by the call on every rank, nothing changed ------------------------------
+
+// The buffers of one rank for a call on (n, C, 5) channels-first: parameters and statistics
+// from the test's seed (identical on every rank), data from seed and rank, outputs filled with
+// a sentinel. Device memory throughout.
+template <class S>
+struct RankCall {
+  using P = typename CudaType<S>::Param;
+  static constexpr int64_t kC = 3;
+  Geometry g;
+  std::vector<int64_t> shape;
+  LayerState<P> st;
+  DeviceLayerState<P> dev;
+  std::vector<S> out_n;
+  std::vector<P> out_c;
+  DeviceArray<S> x, dy, y, dx;
+  DeviceArray<P> sm, si, dw, db;
+
+  explicit RankCall(int64_t n) {
+    Rng common(test_seed());
+    st = LayerState<P>::random(kC, common);
+    dev = DeviceLayerState<P>(st);
+    Rng local(test_seed() + 7919u * static_cast<uint32_t>(world_rank() + 1));
+    g = make_geometry(SYNCBN_CHANNELS_FIRST, n, kC, {5});
+    shape = g.shape();
+    x = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
+    dy = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
+    out_n.assign(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
+    out_c.assign(static_cast<size_t>(kC), P(-777));
+    y = DeviceArray<S>(out_n);
+    dx = DeviceArray<S>(out_n);
+    for (auto* a : {&sm, &si, &dw, &db}) *a = DeviceArray<P>(out_c);
+  }
+
+  syncbn_status_t forward(syncbn_plan_t plan, void* stream, bool null_weight = false) {
+    return syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(),
+                                   null_weight ? nullptr : dev.weight.data(), dev.bias.data(),
+                                   y.data(), sm.data(), si.data(), dev.running_mean.data(),
+                                   dev.running_var.data(), dev.num_batches_tracked.data(), stream);
+  }
+  syncbn_status_t backward(syncbn_plan_t plan, void* stream) {
+    return syncbn_backward(plan, g.ndim(), shape.data(), x.data(), dy.data(), dev.weight.data(),
+                           sm.data(), si.data(), dx.data(), dw.data(), db.data(), stream);
+  }
+
+  // Outputs and state as they were before the failed call.
+  void expect_unchanged(const std::string& when) const {
+    EXPECT_TRUE(state_unchanged(when, dev, st));
+    EXPECT_TRUE(same_bytes("y " + when, y.download(), out_n));
+    EXPECT_TRUE(same_bytes("dx " + when, dx.download(), out_n));
+    EXPECT_TRUE(same_bytes("save_mean " + when, sm.download(), out_c));
+    EXPECT_TRUE(same_bytes("save_invstd " + when, si.download(), out_c));
+    EXPECT_TRUE(same_bytes("dweight " + when, dw.download(), out_c));
+    EXPECT_TRUE(same_bytes("dbias " + when, db.download(), out_c));
+  }
+};
+
+// No asynchronous error follows an error the call returned (over MPI every error is returned).
+void expect_no_async_error(syncbn_plan_t plan, void* stream) {
+  syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
+  EXPECT_EQ(syncbn_plan_get_async_error(plan, stream, &async), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_EQ(async, SYNCBN_SUCCESS) << rank_tag() << ": " << syncbn_last_error();
+}
+
+// COLLECTIVE: a CUDA plan (C = 3, channels-first, tracking, momentum 0.1) on comm.
+PlanHandle make_cuda_plan(syncbn_comm_t comm, syncbn_dtype_t dtype) {
+  syncbn_config_t cfg;
+  syncbn_config_init(&cfg, 3, dtype);
+  cfg.device = SYNCBN_DEVICE_CUDA;
+  syncbn_plan_t p = nullptr;
+  EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  return PlanHandle(p);
+}
+
+class CudaMpiErrors : public ::testing::TestWithParam<syncbn_dtype_t> {};
+
+// N = 0 on every rank (m == 0: forward and backward), then m == 1 with tracking (shape (1, C) on
+// rank 0, (0, C) elsewhere): every rank's call returns SYNCBN_ERROR_BATCH_TOO_SMALL and changes
+// nothing (outputs, running statistics, num_batches_tracked); no asynchronous error follows;
+// afterwards a valid step succeeds everywhere (the call sequences are still aligned).
+TEST_P(CudaMpiErrors, GlobalBatchTooSmallFailsInTheCall) {
+  SKIP_UNLESS_EVERY_RANK_HAS_CUDA();
+  select_device_for_rank();
+  CommHandle world = world_comm();
+  const syncbn_dtype_t dtype = GetParam();
+  dispatch_cuda_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    using P = typename CudaType<S>::Param;
+    PlanHandle plan = make_cuda_plan(world.get(), dtype);
+    Stream stream;
+    {
+      SCOPED_TRACE(rank_tag() + ": empty global batch");
+      RankCall<S> rc(0);
+      EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL)
+          << syncbn_last_error();
+      EXPECT_EQ(rc.backward(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL)
+          << syncbn_last_error();
+      expect_no_async_error(plan.get(), stream.handle());
+      rc.expect_unchanged("after an empty global batch");
+    }
+    {
+      SCOPED_TRACE(rank_tag() + ": one value in the global batch, tracking");
+      const int64_t C = RankCall<S>::kC;
+      const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, world_rank() == 0 ? 1 : 0, C, {});
+      const auto shape = g.shape();
+      RankCall<S> rc(0);
+      Rng rng(test_seed());
+      DeviceArray<S> x(to_storage<S>(random_batch<P>(g, rng)));
+      const std::vector<S> y_before(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
+      DeviceArray<S> y(y_before);
+      EXPECT_EQ(syncbn_forward_training(plan.get(), g.ndim(), shape.data(), x.data(),
+                                        rc.dev.weight.data(), rc.dev.bias.data(), y.data(),
+                                        rc.sm.data(), rc.si.data(), rc.dev.running_mean.data(),
+                                        rc.dev.running_var.data(),
+                                        rc.dev.num_batches_tracked.data(), stream.handle()),
+                SYNCBN_ERROR_BATCH_TOO_SMALL)
+          << syncbn_last_error();
+      expect_no_async_error(plan.get(), stream.handle());
+      EXPECT_TRUE(same_bytes("y after m == 1", y.download(), y_before));
+      rc.expect_unchanged("after m == 1");
+    }
+    {
+      SCOPED_TRACE(rank_tag() + ": a valid step afterwards");
+      RankCall<S> rc(2 + world_rank());
+      EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
+      EXPECT_EQ(rc.backward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
+      expect_no_async_error(plan.get(), stream.handle());
+      EXPECT_EQ(rc.dev.download().num_batches_tracked, rc.st.num_batches_tracked + 1);
+      EXPECT_TRUE(same_as_rank0("running_mean", rc.dev.download().running_mean, MPI_COMM_WORLD));
+    }
+  });
+}
+
+// The last rank passes a null weight: every rank's call returns SYNCBN_ERROR_INVALID_ARGUMENT
+// naming that rank and the argument, and nothing changes anywhere; then the plan still works.
+TEST_P(CudaMpiErrors, BadArgumentOnLastRankFailsEverywhere) {
+  SKIP_UNLESS_EVERY_RANK_HAS_CUDA();
+  select_device_for_rank();
+  CommHandle world = world_comm();
+  const syncbn_dtype_t dtype = GetParam();
+  const int bad = world_size() - 1;
+  dispatch_cuda_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    PlanHandle plan = make_cuda_plan(world.get(), dtype);
+    Stream stream;
+    SCOPED_TRACE(rank_tag() + ", bad rank " + std::to_string(bad));
+    RankCall<S> rc(2 + world_rank());
+    EXPECT_EQ(rc.forward(plan.get(), stream.handle(), world_rank() == bad),
+              SYNCBN_ERROR_INVALID_ARGUMENT)
+        << syncbn_last_error();
+    EXPECT_TRUE(message_names({"rank " + std::to_string(bad), "weight"}));
+    expect_no_async_error(plan.get(), stream.handle());
+    rc.expect_unchanged("after a rejected call");
+    EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
+    expect_no_async_error(plan.get(), stream.handle());
+    EXPECT_EQ(rc.dev.download().num_batches_tracked, rc.st.num_batches_tracked + 1);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaMpiErrors, ::testing::ValuesIn(kAllDtypes),
+                         [](const ::testing::TestParamInfo<syncbn_dtype_t>& info) {
+                           return std::string(dtype_name(info.param));
+                         });
+
+}  // namespace
