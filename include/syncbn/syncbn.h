@@ -74,7 +74,11 @@
  *     stream once, and every error is returned by the call itself, as on the CPU.
  * Arguments a rank can check itself (null pointers, shapes, the current device) are returned by
  * the call on that rank in every case; it still enqueues its part of the allreduce, carrying the
- * failure, so that no peer waits forever.
+ * failure, so that no peer waits forever. The call sequence number that guards against skipped
+ * calls is counted on the device, so graph replays count as calls. A negative
+ * num_batches_tracked (device memory) is found on the device: asynchronously over NCCL and over
+ * the self communicator. Over NCCL, ranks in calls of plans with different C enqueue
+ * allreduces of different lengths, which NCCL does not detect: they hang rather than fail.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
  * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per

@@ -28,6 +28,9 @@ class Communicator {
   // result on every rank. Throws core::Failure (SYNCBN_ERROR_COMM) if the transport fails.
   virtual void allreduce_sum(double* buffer, std::size_t count) = 0;
 
+  // The CUDA device the backend's collectives run on (NCCL), or -1 (host backends).
+  virtual int device() const { return -1; }
+
   // How allreduce_sum_device may be used (see DeviceBuffers).
   virtual DeviceBuffers device_buffers() const { return DeviceBuffers::stage; }
 

@@ -12,8 +12,13 @@
 namespace syncbn::comm {
 namespace {
 
+// A non-blocking communicator may answer ncclInProgress: wait (on the host, for NCCL's own
+// enqueueing, not for the GPU) until the call settles, as NCCL requires before the next call.
 void check_nccl(ncclResult_t r, ncclComm_t comm, const char* what) {
-  if (r == ncclSuccess || r == ncclInProgress) return;
+  while (r == ncclInProgress && comm != nullptr) {
+    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
+  }
+  if (r == ncclSuccess) return;
   std::string detail = ncclGetErrorString(r);
   if (comm != nullptr) {
     const char* last = ncclGetLastError(comm);
@@ -51,6 +56,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   DeviceBuffers device_buffers() const override { return DeviceBuffers::on_stream; }
+  int device() const override { return device_; }
 
   // Host buffers (plan creation, split): through device scratch on an internal stream.
   void allreduce_sum(double* buffer, std::size_t count) override {
@@ -88,7 +94,9 @@ class NcclCommunicator final : public Communicator {
 
   std::shared_ptr<Communicator> split_consecutive(int group_size) override {
     ncclComm_t sub = nullptr;
-    check_nccl(ncclCommSplit(comm_, rank_ / group_size, rank_, &sub, nullptr), comm_,
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 1;  // the subgroup is the library's: blocking, whatever the parent is
+    check_nccl(ncclCommSplit(comm_, rank_ / group_size, rank_, &sub, &config), comm_,
                "ncclCommSplit");
     return std::make_shared<NcclCommunicator>(sub, true);
   }

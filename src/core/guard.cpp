@@ -41,9 +41,7 @@ const char* arg_name(Arg arg) {
   return "(unknown argument)";
 }
 
-std::uint32_t encode(const ArgError& e) {
-  return (static_cast<std::uint32_t>(e.arg) << 4) | static_cast<std::uint32_t>(e.problem);
-}
+std::uint32_t encode(const ArgError& e) { return error_code(e.arg, e.problem); }
 
 }  // namespace
 
@@ -66,7 +64,9 @@ std::string describe(Arg arg, Problem problem) {
     case Problem::out_of_memory: return "out of memory";
     case Problem::no_device: return name + ": no usable CUDA device on this rank";
     case Problem::wrong_device:
-      return name + ": the current CUDA device is not the one the plan was created on";
+      return name + ": the current CUDA device is not the one the plan (or its NCCL "
+                    "communicator) is on";
+    case Problem::cuda_failed: return name + ": a CUDA call failed on this rank";
   }
   return name + ": invalid";
 }
@@ -76,6 +76,7 @@ syncbn_status_t status_of(Problem problem) {
     case Problem::unsupported: return SYNCBN_ERROR_NOT_SUPPORTED;
     case Problem::disagrees: return SYNCBN_ERROR_CONFIG_MISMATCH;
     case Problem::out_of_memory: return SYNCBN_ERROR_OUT_OF_MEMORY;
+    case Problem::cuda_failed: return SYNCBN_ERROR_INTERNAL;
     default: return SYNCBN_ERROR_INVALID_ARGUMENT;
   }
 }
@@ -83,13 +84,7 @@ syncbn_status_t status_of(Problem problem) {
 void put_error_record(double* slots, int rank, const ArgError& mine) {
   slots[0] = 1.0;  // participation
   slots[1] = slots[2] = slots[3] = slots[4] = 0.0;
-  if (mine) {
-    const double code = encode(mine);
-    slots[1] = 1.0;
-    slots[2] = static_cast<double>(rank) + 1.0;
-    slots[3] = code;
-    slots[4] = code * code;
-  }
+  if (mine) put_error_slots(slots, rank, encode(mine));
 }
 
 void check_participation(const double* slots, int group_size) {
@@ -114,8 +109,8 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
              " ranks rejected their arguments, with different errors" + own);
   }
   const auto code = static_cast<std::uint32_t>(std::llround(slots[3] / static_cast<double>(failed)));
-  const auto arg = static_cast<Arg>(code >> 4);
-  const auto problem = static_cast<Problem>(code & 0xF);
+  const auto arg = static_cast<Arg>(code >> kProblemBits);
+  const auto problem = static_cast<Problem>(code & ((1u << kProblemBits) - 1));
   std::string who;
   if (failed == 1) {
     who = "rank " + std::to_string(std::llround(slots[2]) - 1);
@@ -141,11 +136,6 @@ void check_batch_count(double m, bool track) {
   }
 }
 
-void put_agree(double* slots, std::uint32_t v) {
-  v &= kAgreeMask;
-  slots[0] = static_cast<double>(v);
-  slots[1] = static_cast<double>(v) * static_cast<double>(v);
-}
 
 bool agreed(const double* slots, int group_size) { return all_equal(slots[0], slots[1], group_size); }
 
@@ -163,7 +153,7 @@ bool agreed48(const double* slots, int group_size) {
 void put_fingerprint(double* slots, const Fingerprint& fp) {
   put_agree48(slots, fp.plan);
   put_agree(slots + kAgree48Slots, static_cast<std::uint32_t>(fp.op));
-  put_agree(slots + kAgree48Slots + kAgreeSlots, static_cast<std::uint32_t>(fp.seq));
+  put_agree(slots + kAgree48Slots + kAgreeSlots, fp.seq);
 }
 
 void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine) {

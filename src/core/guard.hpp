@@ -54,8 +54,15 @@ enum class Problem : std::uint16_t {
   invalid_enum,    // not one of the enumeration's values
   out_of_memory,   // an allocation failed (SYNCBN_ERROR_OUT_OF_MEMORY)
   no_device,       // a CUDA plan, and no usable CUDA device on this rank
-  wrong_device,    // the current CUDA device is not the plan's
+  wrong_device,    // the current CUDA device is not the plan's (or its NCCL communicator's)
+  cuda_failed,     // a CUDA call (launch, copy, synchronization) failed (SYNCBN_ERROR_INTERNAL)
 };
+
+// An error's wire code: argument and problem in 12 bits (so that code^2 stays exact in sums).
+constexpr unsigned kProblemBits = 5;
+SYNCBN_HD inline std::uint32_t error_code(Arg arg, Problem problem) {
+  return (static_cast<std::uint32_t>(arg) << kProblemBits) | static_cast<std::uint32_t>(problem);
+}
 
 // A rank's own finding about its arguments. detail is extra text for this rank's message only.
 struct ArgError {
@@ -69,8 +76,14 @@ struct ArgError {
 std::string describe(Arg arg, Problem problem);
 syncbn_status_t status_of(Problem problem);
 
-// Slots of the participation count and error record.
+// Slots of the participation count and error record: [1, failed, rank + 1, code, code^2].
 constexpr std::size_t kErrorSlots = 5;
+SYNCBN_HD inline void put_error_slots(double* slots, int rank, std::uint32_t code) {
+  slots[1] = 1.0;
+  slots[2] = static_cast<double>(rank) + 1.0;
+  slots[3] = static_cast<double>(code);
+  slots[4] = static_cast<double>(code) * static_cast<double>(code);
+}
 void put_error_record(double* slots, int rank, const ArgError& mine);
 // Throws Failure(SYNCBN_ERROR_INTERNAL) if the participation count is not group_size.
 void check_participation(const double* slots, int group_size);
@@ -81,7 +94,11 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
 // An agreement pair: v (< 4096) and v^2.
 constexpr std::size_t kAgreeSlots = 2;
 constexpr std::uint32_t kAgreeMask = 0xFFF;
-void put_agree(double* slots, std::uint32_t v);
+SYNCBN_HD inline void put_agree(double* slots, std::uint64_t v) {
+  v &= kAgreeMask;
+  slots[0] = static_cast<double>(v);
+  slots[1] = static_cast<double>(v) * static_cast<double>(v);
+}
 bool agreed(const double* slots, int group_size);
 
 // A 48-bit value as four agreement pairs of 12 bits.
@@ -98,6 +115,8 @@ struct Fingerprint {
   std::uint64_t seq = 0;
 };
 constexpr std::size_t kFingerprintSlots = kAgree48Slots + 2 * kAgreeSlots;
+// Where the sequence number's pair sits in a packed buffer (CUDA plans write it on the device).
+constexpr std::size_t kSequenceSlot = kErrorSlots + kAgree48Slots + kAgreeSlots;
 void put_fingerprint(double* slots, const Fingerprint& fp);
 // Throws Failure(SYNCBN_ERROR_CALL_MISMATCH) on every rank if any rank is in another call.
 void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine);

@@ -10,6 +10,7 @@
 // sees (the finalize kernels check the guards, and keep a record for async_error).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -81,6 +82,11 @@ ArgError Plan::init_cuda() {
     cudaGetLastError();
     return {Arg::device, Problem::no_device, {}};
   }
+  if (comm_->device() >= 0 && comm_->device() != res->device) {
+    return {Arg::device, Problem::wrong_device,
+            "current device " + std::to_string(res->device) + ", NCCL communicator's " +
+                std::to_string(comm_->device())};
+  }
   const std::int64_t C = config_.num_features;
   cuda::DeviceState& st = res->state;
   st.channels = C;
@@ -99,6 +105,7 @@ ArgError Plan::init_cuda() {
       2 * static_cast<std::size_t>(st.partial_capacity) * sizeof(double),   // partials
       c * sizeof(unsigned),                                                 // counters
       sizeof(long long),                                                    // num_batches_next
+      sizeof(unsigned long long),                                           // calls
       sizeof(cuda::AsyncRecord)};                                           // record
   std::size_t total = 0;
   for (std::size_t s : sizes) total += round_up(s);
@@ -111,8 +118,9 @@ ArgError Plan::init_cuda() {
   if (cudaError_t e = cudaMemset(res->block, 0, total); e != cudaSuccess) return oom(e);
   if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return oom(e);
   auto* p = static_cast<char*>(res->block);
-  void* parts[7];
-  for (int i = 0; i < 7; ++i) {
+  constexpr int kParts = sizeof sizes / sizeof sizes[0];
+  void* parts[kParts];
+  for (int i = 0; i < kParts; ++i) {
     parts[i] = p;
     p += round_up(sizes[i]);
   }
@@ -122,7 +130,8 @@ ArgError Plan::init_cuda() {
   st.partials = static_cast<double*>(parts[3]);
   st.counters = static_cast<unsigned*>(parts[4]);
   st.num_batches_next = static_cast<long long*>(parts[5]);
-  st.record = static_cast<cuda::AsyncRecord*>(parts[6]);
+  st.calls = static_cast<unsigned long long*>(parts[6]);
+  st.record = static_cast<cuda::AsyncRecord*>(parts[7]);
   if (comm_->device_buffers() == comm::DeviceBuffers::stage) {
     if (cudaError_t e = cudaMallocHost(&res->staging, sizes[0]); e != cudaSuccess) return oom(e);
   }
@@ -136,17 +145,6 @@ CudaResources& resources(const std::unique_ptr<DeviceResources>& d) {
   return static_cast<CudaResources&>(*d);
 }
 
-// The device check every call makes; on a mismatch the call still takes part in the collective,
-// on the plan's device and its legacy default stream.
-void check_device(ArgError& err, const CudaResources& res, void*& stream) {
-  int current = -1;
-  if (cudaGetDevice(&current) != cudaSuccess) cudaGetLastError();
-  if (current != res.device) {
-    require(err, false, Arg::device, Problem::wrong_device);
-    if (err.problem == Problem::wrong_device) stream = nullptr;
-  }
-}
-
 // What the reduction writes next to this rank's sums (a failing rank: its error, count 0).
 cuda::GuardWrite guard_write(int rank, const ArgError& err, const Fingerprint& fp,
                              std::int64_t count, const std::int64_t* num_batches_tracked) {
@@ -154,7 +152,38 @@ cuda::GuardWrite guard_write(int rank, const ArgError& err, const Fingerprint& f
   put_guards(gw.slots, rank, err, fp);
   gw.count = err ? 0.0 : static_cast<double>(count);
   gw.num_batches_tracked = err ? nullptr : reinterpret_cast<const long long*>(num_batches_tracked);
+  gw.rank = rank;
   return gw;
+}
+
+// The device check every call makes (after clearing an error an earlier launch of the caller's
+// left behind); on a mismatch the call still takes part in the collective, on the plan's device
+// and its legacy default stream (the caller's stream belongs to another device).
+void check_device(ArgError& err, const CudaResources& res, void*& stream) {
+  cudaGetLastError();
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) cudaGetLastError();
+  if (current != res.device) {
+    require(err, false, Arg::device, Problem::wrong_device);
+    stream = nullptr;
+  }
+}
+
+// Runs the reduction; if it cannot be launched, this rank still writes its guards, carrying the
+// failure, so that it joins the allreduce like every other rank.
+template <class F>
+void reduce_or_guards(CudaResources& res, int rank, ArgError& err, const Fingerprint& fp,
+                      cuda::GuardWrite& gw, bool zero_local, void* stream, F&& reduce) {
+  if (!err && gw.count > 0) {
+    try {
+      reduce();
+      return;
+    } catch (const Failure& f) {
+      err = {Arg::device, Problem::cuda_failed, f.what()};
+      gw = guard_write(rank, err, fp, 0, nullptr);
+    }
+  }
+  cuda::write_guards(res.state, gw, zero_local, stream);
 }
 
 // Sums [guards | data_slots] over the group (see the file comment). Throws the verdict where the
@@ -172,16 +201,25 @@ void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t d
       check_guards(host, 1, comm.rank(), mine, fp);
       check_batch_count(gw.count, track);
       return;
-    case comm::DeviceBuffers::stage:
-      check_cuda(cudaMemcpyAsync(res.staging, dbuf, bytes, cudaMemcpyDeviceToHost, as_stream(stream)),
-                 "cudaMemcpyAsync (packed buffer to host)");
-      check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+    case comm::DeviceBuffers::stage: {
+      ArgError own = mine;
+      try {
+        check_cuda(cudaMemcpyAsync(res.staging, dbuf, bytes, cudaMemcpyDeviceToHost,
+                                   as_stream(stream)),
+                   "cudaMemcpyAsync (packed buffer to host)");
+        check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+      } catch (const Failure& f) {  // join the allreduce anyway, carrying the failure
+        if (!own) own = {Arg::device, Problem::cuda_failed, f.what()};
+        std::fill(res.staging, res.staging + n, 0.0);
+        put_guards(res.staging, comm.rank(), own, fp);
+      }
       comm.allreduce_sum(res.staging, n);
-      check_guards(res.staging, comm.size(), comm.rank(), mine, fp);
+      check_guards(res.staging, comm.size(), comm.rank(), own, fp);
       check_batch_count(res.staging[n - 1], track);
       check_cuda(cudaMemcpyAsync(dbuf, res.staging, bytes, cudaMemcpyHostToDevice, as_stream(stream)),
                  "cudaMemcpyAsync (packed buffer to device)");
       return;
+    }
     case comm::DeviceBuffers::after_sync:
       check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
       comm.allreduce_sum_device(dbuf, n, stream);
@@ -214,13 +252,11 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   if (err) count = 0;
 
   const Fingerprint fp = next_fingerprint(op);
-  const cuda::GuardWrite gw =
+  cuda::GuardWrite gw =
       guard_write(comm_->rank(), err, fp, count, track ? a.num_batches_tracked : nullptr);
-  if (count > 0) {
-    cuda::reduce_moments(res.state, g, a.x, gw, stream);
-  } else {
-    cuda::write_guards(res.state, gw, false, stream);
-  }
+  reduce_or_guards(res, comm_->rank(), err, fp, gw, false, stream,
+                   [&] { cuda::reduce_moments(res.state, g, a.x, gw, stream); });
+  if (err) count = 0;
   exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, track, stream);
 
   cuda::ForwardFinalize f{};
@@ -237,7 +273,6 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   f.running_var = a.running_var;
   f.num_batches_tracked = track ? reinterpret_cast<long long*>(a.num_batches_tracked) : nullptr;
   f.op = static_cast<std::uint32_t>(op);
-  f.seq = fp.seq;
   cuda::finalize_forward(res.state, f, stream);
   if (count > 0) cuda::affine(res.state, g, a.x, a.y, stream);
 }
@@ -277,12 +312,11 @@ void Plan::cuda_backward(const BackwardArgs& a) {
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
   const bool keep_local = param_grads && !config_.global_param_grads;
   const Fingerprint fp = next_fingerprint(Op::backward);
-  const cuda::GuardWrite gw = guard_write(comm_->rank(), err, fp, count, nullptr);
-  if (count > 0) {
+  cuda::GuardWrite gw = guard_write(comm_->rank(), err, fp, count, nullptr);
+  reduce_or_guards(res, comm_->rank(), err, fp, gw, keep_local, stream, [&] {
     cuda::reduce_grad(res.state, g, a.x, a.dy, a.save_mean, keep_local, gw, stream);
-  } else {
-    cuda::write_guards(res.state, gw, keep_local, stream);
-  }
+  });
+  if (err) count = 0;
   exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, false, stream);
 
   cuda::BackwardFinalize f{};
@@ -295,7 +329,6 @@ void Plan::cuda_backward(const BackwardArgs& a) {
   f.dweight = a.dweight;
   f.dbias = a.dbias;
   f.op = static_cast<std::uint32_t>(Op::backward);
-  f.seq = fp.seq;
   cuda::finalize_backward(res.state, f, stream);
   if (count > 0) cuda::backward_elemt(res.state, g, a.x, a.dy, a.dx, stream);
 }

@@ -192,14 +192,20 @@ __device__ __forceinline__ void block_sum(double (&v)[K]) {
 
 __device__ __forceinline__ int linear_thread() { return threadIdx.y * blockDim.x + threadIdx.x; }
 
-// Writes the guards, the count and num_batches_next: once per reduction, by one block.
+// Writes the guards, the count and num_batches_next: once per call, by one block (all its
+// threads call this). The sequence pair comes from the device's call counter.
 __device__ void put_guards(const DeviceState& st, const GuardWrite& gw) {
-  const int t = linear_thread();
-  if (t < static_cast<int>(kGuardSlots)) st.buffer[t] = gw.slots[t];
-  if (t == 0) {
-    st.buffer[kGuardSlots + 2 * st.channels] = gw.count;
-    *st.num_batches_next = gw.num_batches_tracked ? *gw.num_batches_tracked + 1 : 0;
+  if (linear_thread() != 0) return;
+  double* b = st.buffer;
+  for (std::size_t i = 0; i < kGuardSlots; ++i) b[i] = gw.slots[i];
+  core::put_agree(b + core::kSequenceSlot, (*st.calls)++);
+  const long long* nbt = gw.num_batches_tracked;
+  if (nbt != nullptr && *nbt < 0 && b[1] == 0.0) {
+    core::put_error_slots(b, gw.rank,
+                          core::error_code(core::Arg::num_batches_tracked, core::Problem::negative));
   }
+  b[kGuardSlots + 2 * st.channels] = gw.count;
+  *st.num_batches_next = nbt != nullptr ? *nbt + 1 : 0;
 }
 
 // Where a channel's merged sums go: the buffer (forward: unshifted first) and, for backward
@@ -427,13 +433,12 @@ __global__ void write_guards_kernel(DeviceState st, GuardWrite gw, bool zero_loc
 
 // ---- finalize ----------------------------------------------------------------------------
 
-__device__ void keep_record(const DeviceState& st, double m, bool track, std::uint32_t op,
-                            std::uint64_t seq) {
+__device__ void keep_record(const DeviceState& st, double m, bool track, std::uint32_t op) {
   AsyncRecord* r = st.record;
   if (r->flag != 0) return;  // the first failure is the one reported
   r->track = track;
   r->op = op;
-  r->seq = seq;
+  r->seq = *st.calls - 1;  // this call's number
   for (std::size_t i = 0; i < kGuardSlots; ++i) r->slots[i] = st.buffer[i];
   r->slots[kGuardSlots] = m;
   __threadfence();
@@ -456,7 +461,7 @@ __global__ void finalize_forward_kernel(DeviceState st, ForwardFinalize f) {
   P* scale = center + C;
   P* shift = center + 2 * C;
   if (!ok) {
-    if (c == 0) keep_record(st, m, f.track, f.op, f.seq);
+    if (c == 0) keep_record(st, m, f.track, f.op);
     if (c < C) {
       const P nan = static_cast<P>(CUDART_NAN);
       center[c] = scale[c] = shift[c] = nan;
@@ -509,7 +514,7 @@ __global__ void finalize_backward_kernel(DeviceState st, BackwardFinalize f) {
   P* dweight = static_cast<P*>(f.affine ? f.dweight : nullptr);
   P* dbias = static_cast<P*>(f.affine ? f.dbias : nullptr);
   if (!ok) {
-    if (c == 0) keep_record(st, m, false, f.op, f.seq);
+    if (c == 0) keep_record(st, m, false, f.op);
     if (c < C) {
       const P nan = static_cast<P>(CUDART_NAN);
       k[c] = k[C + c] = k[2 * C + c] = k[3 * C + c] = nan;

@@ -47,6 +47,8 @@ struct DeviceState {
   std::int64_t partial_capacity = 0;
   unsigned* counters = nullptr;  // C, zero between kernels
   long long* num_batches_next = nullptr;  // 1
+  unsigned long long* calls = nullptr;    // 1: collective calls made, the sequence number's
+                                          // source (on the device, so that graph replays count)
   AsyncRecord* record = nullptr;          // 1
 };
 
@@ -54,11 +56,13 @@ struct DeviceState {
 std::int64_t partial_capacity(std::int64_t channels);
 
 // The guard slots and count a reduction writes into the buffer, and num_batches_tracked to read
-// (its successor goes to num_batches_next; NULL: 0).
+// (its successor goes to num_batches_next; NULL: 0). The device replaces the sequence pair with
+// its own call counter, and flags a negative num_batches_tracked as this rank's error.
 struct GuardWrite {
   double slots[core::kGuardSlots];
   double count;
   const long long* num_batches_tracked;
+  int rank;
 };
 
 // Local shifted moments of x into the buffer (unshifted in fp64 before they are written, see
@@ -84,7 +88,7 @@ struct ForwardFinalize {
   void* save_mean; void* save_invstd;            // may be NULL
   void* running_mean; void* running_var;         // when track
   long long* num_batches_tracked;                // may be NULL
-  std::uint32_t op; std::uint64_t seq;           // for the async record
+  std::uint32_t op;                              // for the async record
 };
 // From the group's buffer: the verdict; then per channel mean, invstd, the affine coefficients,
 // the saved statistics and the running statistics (core/finalize.hpp). On a failed verdict:
@@ -102,7 +106,7 @@ struct BackwardFinalize {
   bool global_param_grads;
   const void* weight; const void* save_mean; const void* save_invstd;
   void* dweight; void* dbias;  // may be NULL
-  std::uint32_t op; std::uint64_t seq;
+  std::uint32_t op;
 };
 void finalize_backward(const DeviceState& st, const BackwardFinalize& f, void* stream);
 
