@@ -8,9 +8,10 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libopenmpi-dev openmpi-bin          # MPI communicator, mpirun
   libgtest-dev                        # tests
+  iproute2                            # ip, tc: simulated hosts (launch/netns_hosts.sh)
   libcli11-dev libtorch-dev zlib1g-dev dataset-fashion-mnist   # the trainer and its data
   libdnnl-dev                         # oneDNN, the CPU baseline of the benchmarks
-  python3-torch python3-numpy         # reference checks
+  python3-torch python3-numpy python3-matplotlib   # reference checks, bench/plot_scaling.py
 )
 
 missing=()
