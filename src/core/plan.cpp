@@ -269,6 +269,20 @@ ArgError Plan::check_forward(const ForwardArgs& a, bool track, cpu::Geometry* g,
   return err;
 }
 
+ArgError Plan::check_backward(const BackwardArgs& a, cpu::Geometry* g, std::int64_t* count) const {
+  ArgError err = check_shape(a.shape, g);
+  *count = err ? 0 : g->count_per_channel();
+  require(err, *count == 0 || a.x != nullptr, Arg::x);
+  require(err, *count == 0 || a.dy != nullptr, Arg::dy);
+  require(err, *count == 0 || a.dx != nullptr, Arg::dx);
+  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
+  require(err, a.save_mean != nullptr, Arg::save_mean);
+  require(err, a.save_invstd != nullptr, Arg::save_invstd);
+  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
+          Problem::not_null);
+  return err;
+}
+
 void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op) {
   const Fingerprint fp = next_fingerprint(op);
   put_guards(buffer_.data(), comm_->rank(), mine, fp);
@@ -380,16 +394,8 @@ template <class T>
 void Plan::backward_typed(const BackwardArgs& a) {
   const std::int64_t C = config_.num_features;
   cpu::Geometry g;
-  ArgError err = check_shape(a.shape, &g);
-  const std::int64_t count = err ? 0 : g.count_per_channel();
-  require(err, count == 0 || a.x != nullptr, Arg::x);
-  require(err, count == 0 || a.dy != nullptr, Arg::dy);
-  require(err, count == 0 || a.dx != nullptr, Arg::dx);
-  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
-  require(err, a.save_mean != nullptr, Arg::save_mean);
-  require(err, a.save_invstd != nullptr, Arg::save_invstd);
-  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
-          Problem::not_null);
+  std::int64_t count = 0;
+  ArgError err = check_backward(a, &g, &count);
 
   const T* const save_mean = as<T>(a.save_mean);
   const T* const save_invstd = as<T>(a.save_invstd);

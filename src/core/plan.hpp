@@ -99,6 +99,10 @@ class Plan {
   // count (0 on error).
   ArgError check_forward(const ForwardArgs& args, bool track, cpu::Geometry* geometry,
                          std::int64_t* count) const;
+  // What backward checks: the shape, x, dy and dx (unless the tensor is empty), weight (when
+  // affine), save_mean, save_invstd, the stream (NULL on the CPU).
+  ArgError check_backward(const BackwardArgs& args, cpu::Geometry* geometry,
+                          std::int64_t* count) const;
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
   // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws
   // on error, identically on every rank).

@@ -296,14 +296,8 @@ void Plan::cuda_backward(const BackwardArgs& a) {
   CudaResources& res = resources(device_);
   const std::int64_t C = config_.num_features;
   Geometry g;
-  ArgError err = check_shape(a.shape, &g);
-  std::int64_t count = err ? 0 : g.count_per_channel();
-  require(err, count == 0 || a.x != nullptr, Arg::x);
-  require(err, count == 0 || a.dy != nullptr, Arg::dy);
-  require(err, count == 0 || a.dx != nullptr, Arg::dx);
-  require(err, !config_.affine || a.weight != nullptr, Arg::weight);
-  require(err, a.save_mean != nullptr, Arg::save_mean);
-  require(err, a.save_invstd != nullptr, Arg::save_invstd);
+  std::int64_t count = 0;
+  ArgError err = check_backward(a, &g, &count);
   void* stream = a.stream;
   check_device(err, res, stream);
   DeviceSwitch on(res.device);
