@@ -249,7 +249,6 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   void* stream = a.stream;
   check_device(err, res, stream);
   DeviceSwitch on(res.device);
-  if (err) count = 0;
 
   const Fingerprint fp = next_fingerprint(op);
   cuda::GuardWrite gw =
@@ -301,7 +300,6 @@ void Plan::cuda_backward(const BackwardArgs& a) {
   void* stream = a.stream;
   check_device(err, res, stream);
   DeviceSwitch on(res.device);
-  if (err) count = 0;
 
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
   const bool keep_local = param_grads && !config_.global_param_grads;
