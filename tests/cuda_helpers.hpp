@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +24,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -544,6 +547,23 @@ void check_graph_replay(syncbn_comm_t comm, const GraphCheck& o) {
   if (exec) (void)cudaGraphExecDestroy(exec);
   if (graph) (void)cudaGraphDestroy(graph);
 }
+
+// Holds a stream (a host function enqueued on it waits) until opened, or gives up after 20 s.
+struct StreamGate {
+  std::atomic<bool> open{false}, entered{false}, gave_up{false};
+  static void CUDART_CB wait(void* p) {
+    auto* gate = static_cast<StreamGate*>(p);
+    gate->entered = true;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!gate->open.load()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        gate->gave_up = true;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+};
 
 }  // namespace syncbn_test
 

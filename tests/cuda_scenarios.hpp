@@ -21,6 +21,7 @@
 #include <limits>
 #include <ostream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_helpers.hpp"
@@ -435,6 +436,88 @@ inline const std::vector<CudaScenario>& cuda_scenarios() {
        0, true, true, 0.1, false, false, 2, 1},
   };
   return list;
+}
+
+// The buffers of one rank for a call on (n, C, *spatial) channels-first, C = 3: parameters and
+// statistics from the test's seed (identical on every rank), data from seed and rank, outputs
+// filled with a sentinel. Device memory throughout.
+template <class S>
+struct RankCall {
+  using P = typename CudaType<S>::Param;
+  static constexpr int64_t kC = 3;
+  Geometry g;
+  std::vector<int64_t> shape;
+  LayerState<P> st;
+  DeviceLayerState<P> dev;
+  std::vector<S> out_n;
+  std::vector<P> out_c;
+  DeviceArray<S> x, dy, y, dx;
+  DeviceArray<P> sm, si, dw, db;
+
+  RankCall(int64_t n, std::vector<int64_t> spatial) {
+    Rng common(test_seed());
+    st = LayerState<P>::random(kC, common);
+    dev = DeviceLayerState<P>(st);
+    Rng local(test_seed() + 7919u * static_cast<uint32_t>(world_rank() + 1));
+    g = make_geometry(SYNCBN_CHANNELS_FIRST, n, kC, spatial);
+    shape = g.shape();
+    x = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
+    dy = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
+    out_n.assign(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
+    out_c.assign(static_cast<size_t>(kC), P(-777));
+    y = DeviceArray<S>(out_n);
+    dx = DeviceArray<S>(out_n);
+    for (auto* a : {&sm, &si, &dw, &db}) *a = DeviceArray<P>(out_c);
+  }
+
+  syncbn_status_t forward(syncbn_plan_t plan, void* stream, bool null_weight = false) {
+    return syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(),
+                                   null_weight ? nullptr : dev.weight.data(), dev.bias.data(),
+                                   y.data(), sm.data(), si.data(), dev.running_mean.data(),
+                                   dev.running_var.data(), dev.num_batches_tracked.data(), stream);
+  }
+  syncbn_status_t backward(syncbn_plan_t plan, void* stream) {
+    return syncbn_backward(plan, g.ndim(), shape.data(), x.data(), dy.data(), dev.weight.data(),
+                           sm.data(), si.data(), dx.data(), dw.data(), db.data(), stream);
+  }
+
+  // Outputs and state as they were before the failed call.
+  void expect_unchanged(const std::string& when) const {
+    EXPECT_TRUE(state_unchanged(when, dev, st));
+    EXPECT_TRUE(same_bytes("y " + when, y.download(), out_n));
+    EXPECT_TRUE(same_bytes("dx " + when, dx.download(), out_n));
+    EXPECT_TRUE(same_bytes("save_mean " + when, sm.download(), out_c));
+    EXPECT_TRUE(same_bytes("save_invstd " + when, si.download(), out_c));
+    EXPECT_TRUE(same_bytes("dweight " + when, dw.download(), out_c));
+    EXPECT_TRUE(same_bytes("dbias " + when, db.download(), out_c));
+  }
+};
+
+// Synchronizes stream; the error the device recorded (SYNCBN_SUCCESS if none).
+inline syncbn_status_t async_error(syncbn_plan_t plan, void* stream) {
+  syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
+  EXPECT_EQ(syncbn_plan_get_async_error(plan, stream, &async), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  return async;
+}
+
+// COLLECTIVE: a CUDA plan (C = 3, channels-first, tracking, momentum 0.1) on comm.
+inline PlanHandle make_cuda_plan(syncbn_comm_t comm, syncbn_dtype_t dtype) {
+  syncbn_config_t cfg;
+  syncbn_config_init(&cfg, 3, dtype);
+  cfg.device = SYNCBN_DEVICE_CUDA;
+  syncbn_plan_t p = nullptr;
+  EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  return PlanHandle(p);
+}
+
+// Parameters of the correctness suites: dtype x layout x scenario, and their test names.
+using CudaScenarioParam = std::tuple<syncbn_dtype_t, syncbn_layout_t, CudaScenario>;
+inline std::string cuda_scenario_param_name(
+    const ::testing::TestParamInfo<CudaScenarioParam>& info) {
+  return std::string(std::get<2>(info.param).name) + "_" + dtype_name(std::get<0>(info.param)) +
+         "_" + layout_name(std::get<1>(info.param));
 }
 
 // Runs a scenario for the dtype of the test's parameter.

@@ -838,23 +838,6 @@ INSTANTIATE_TEST_SUITE_P(
 // ---- stream order
 // --------------------------------------------------------------------------------
 
-// Holds a stream (a host function enqueued on it waits) until opened, or gives up after 20 s.
-struct StreamGate {
-  std::atomic<bool> open{false}, entered{false}, gave_up{false};
-  static void CUDART_CB wait(void* p) {
-    auto* gate = static_cast<StreamGate*>(p);
-    gate->entered = true;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!gate->open.load()) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        gate->gave_up = true;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-};
-
 // With the stream held by a host function: forward_training and backward return without waiting
 // for the stream (no host synchronization: over the self communicator the calls only enqueue),
 // and none of their work has run (it is queued behind the held host function on the given

@@ -59,8 +59,7 @@ TEST(CudaMpiNoDevice, PlanCreateFailsOnEveryRank) {
 
 // ---- outputs against the reference over the global batch ---------------------------------------
 
-using Param = std::tuple<syncbn_dtype_t, syncbn_layout_t, CudaScenario>;
-class CudaMpiCorrectness : public ::testing::TestWithParam<Param> {};
+class CudaMpiCorrectness : public ::testing::TestWithParam<CudaScenarioParam> {};
 
 TEST_P(CudaMpiCorrectness, MatchesReferenceOverGlobalBatch) {
   const auto& [dtype, layout, sc] = GetParam();
@@ -77,87 +76,9 @@ INSTANTIATE_TEST_SUITE_P(All, CudaMpiCorrectness,
                                             ::testing::Values(SYNCBN_CHANNELS_FIRST,
                                                               SYNCBN_CHANNELS_LAST),
                                             ::testing::ValuesIn(cuda_scenarios())),
-                         [](const ::testing::TestParamInfo<Param>& info) {
-                           return std::string(std::get<2>(info.param).name) + "_" +
-                                  dtype_name(std::get<0>(info.param)) + "_" +
-                                  layout_name(std::get<1>(info.param));
-                         });
+                         cuda_scenario_param_name);
 
 // ---- failures: returned by the call on every rank, nothing changed ------------------------------
-
-// The buffers of one rank for a call on (n, C, 5) channels-first: parameters and statistics
-// from the test's seed (identical on every rank), data from seed and rank, outputs filled with
-// a sentinel. Device memory throughout.
-template <class S>
-struct RankCall {
-  using P = typename CudaType<S>::Param;
-  static constexpr int64_t kC = 3;
-  Geometry g;
-  std::vector<int64_t> shape;
-  LayerState<P> st;
-  DeviceLayerState<P> dev;
-  std::vector<S> out_n;
-  std::vector<P> out_c;
-  DeviceArray<S> x, dy, y, dx;
-  DeviceArray<P> sm, si, dw, db;
-
-  explicit RankCall(int64_t n) {
-    Rng common(test_seed());
-    st = LayerState<P>::random(kC, common);
-    dev = DeviceLayerState<P>(st);
-    Rng local(test_seed() + 7919u * static_cast<uint32_t>(world_rank() + 1));
-    g = make_geometry(SYNCBN_CHANNELS_FIRST, n, kC, {5});
-    shape = g.shape();
-    x = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
-    dy = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
-    out_n.assign(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
-    out_c.assign(static_cast<size_t>(kC), P(-777));
-    y = DeviceArray<S>(out_n);
-    dx = DeviceArray<S>(out_n);
-    for (auto* a : {&sm, &si, &dw, &db}) *a = DeviceArray<P>(out_c);
-  }
-
-  syncbn_status_t forward(syncbn_plan_t plan, void* stream, bool null_weight = false) {
-    return syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(),
-                                   null_weight ? nullptr : dev.weight.data(), dev.bias.data(),
-                                   y.data(), sm.data(), si.data(), dev.running_mean.data(),
-                                   dev.running_var.data(), dev.num_batches_tracked.data(), stream);
-  }
-  syncbn_status_t backward(syncbn_plan_t plan, void* stream) {
-    return syncbn_backward(plan, g.ndim(), shape.data(), x.data(), dy.data(), dev.weight.data(),
-                           sm.data(), si.data(), dx.data(), dw.data(), db.data(), stream);
-  }
-
-  // Outputs and state as they were before the failed call.
-  void expect_unchanged(const std::string& when) const {
-    EXPECT_TRUE(state_unchanged(when, dev, st));
-    EXPECT_TRUE(same_bytes("y " + when, y.download(), out_n));
-    EXPECT_TRUE(same_bytes("dx " + when, dx.download(), out_n));
-    EXPECT_TRUE(same_bytes("save_mean " + when, sm.download(), out_c));
-    EXPECT_TRUE(same_bytes("save_invstd " + when, si.download(), out_c));
-    EXPECT_TRUE(same_bytes("dweight " + when, dw.download(), out_c));
-    EXPECT_TRUE(same_bytes("dbias " + when, db.download(), out_c));
-  }
-};
-
-// No asynchronous error follows an error the call returned (over MPI every error is returned).
-void expect_no_async_error(syncbn_plan_t plan, void* stream) {
-  syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
-  EXPECT_EQ(syncbn_plan_get_async_error(plan, stream, &async), SYNCBN_SUCCESS)
-      << rank_tag() << ": " << syncbn_last_error();
-  EXPECT_EQ(async, SYNCBN_SUCCESS) << rank_tag() << ": " << syncbn_last_error();
-}
-
-// COLLECTIVE: a CUDA plan (C = 3, channels-first, tracking, momentum 0.1) on comm.
-PlanHandle make_cuda_plan(syncbn_comm_t comm, syncbn_dtype_t dtype) {
-  syncbn_config_t cfg;
-  syncbn_config_init(&cfg, 3, dtype);
-  cfg.device = SYNCBN_DEVICE_CUDA;
-  syncbn_plan_t p = nullptr;
-  EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
-      << rank_tag() << ": " << syncbn_last_error();
-  return PlanHandle(p);
-}
 
 class CudaMpiErrors : public ::testing::TestWithParam<syncbn_dtype_t> {};
 
@@ -177,12 +98,13 @@ TEST_P(CudaMpiErrors, GlobalBatchTooSmallFailsInTheCall) {
     Stream stream;
     {
       SCOPED_TRACE(rank_tag() + ": empty global batch");
-      RankCall<S> rc(0);
+      RankCall<S> rc(0, {5});
       EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL)
           << syncbn_last_error();
       EXPECT_EQ(rc.backward(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL)
           << syncbn_last_error();
-      expect_no_async_error(plan.get(), stream.handle());
+      EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_SUCCESS)  // MPI: all sync
+          << rank_tag() << ": " << syncbn_last_error();
       rc.expect_unchanged("after an empty global batch");
     }
     {
@@ -190,7 +112,7 @@ TEST_P(CudaMpiErrors, GlobalBatchTooSmallFailsInTheCall) {
       const int64_t C = RankCall<S>::kC;
       const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, world_rank() == 0 ? 1 : 0, C, {});
       const auto shape = g.shape();
-      RankCall<S> rc(0);
+      RankCall<S> rc(0, {5});
       Rng rng(test_seed());
       DeviceArray<S> x(to_storage<S>(random_batch<P>(g, rng)));
       const std::vector<S> y_before(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
@@ -202,16 +124,18 @@ TEST_P(CudaMpiErrors, GlobalBatchTooSmallFailsInTheCall) {
                                         rc.dev.num_batches_tracked.data(), stream.handle()),
                 SYNCBN_ERROR_BATCH_TOO_SMALL)
           << syncbn_last_error();
-      expect_no_async_error(plan.get(), stream.handle());
+      EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_SUCCESS)  // MPI: all sync
+          << rank_tag() << ": " << syncbn_last_error();
       EXPECT_TRUE(same_bytes("y after m == 1", y.download(), y_before));
       rc.expect_unchanged("after m == 1");
     }
     {
       SCOPED_TRACE(rank_tag() + ": a valid step afterwards");
-      RankCall<S> rc(2 + world_rank());
+      RankCall<S> rc(2 + world_rank(), {5});
       EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
       EXPECT_EQ(rc.backward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
-      expect_no_async_error(plan.get(), stream.handle());
+      EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_SUCCESS)  // MPI: all sync
+          << rank_tag() << ": " << syncbn_last_error();
       EXPECT_EQ(rc.dev.download().num_batches_tracked, rc.st.num_batches_tracked + 1);
       EXPECT_TRUE(same_as_rank0("running_mean", rc.dev.download().running_mean, MPI_COMM_WORLD));
     }
@@ -231,15 +155,17 @@ TEST_P(CudaMpiErrors, BadArgumentOnLastRankFailsEverywhere) {
     PlanHandle plan = make_cuda_plan(world.get(), dtype);
     Stream stream;
     SCOPED_TRACE(rank_tag() + ", bad rank " + std::to_string(bad));
-    RankCall<S> rc(2 + world_rank());
+    RankCall<S> rc(2 + world_rank(), {5});
     EXPECT_EQ(rc.forward(plan.get(), stream.handle(), world_rank() == bad),
               SYNCBN_ERROR_INVALID_ARGUMENT)
         << syncbn_last_error();
     EXPECT_TRUE(message_names({"rank " + std::to_string(bad), "weight"}));
-    expect_no_async_error(plan.get(), stream.handle());
+    EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_SUCCESS)  // MPI: all sync
+        << rank_tag() << ": " << syncbn_last_error();
     rc.expect_unchanged("after a rejected call");
     EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
-    expect_no_async_error(plan.get(), stream.handle());
+    EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_SUCCESS)  // MPI: all sync
+        << rank_tag() << ": " << syncbn_last_error();
     EXPECT_EQ(rc.dev.download().num_batches_tracked, rc.st.num_batches_tracked + 1);
   });
 }

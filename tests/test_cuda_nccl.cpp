@@ -160,8 +160,7 @@ TEST(CudaNcclArgs, NullArguments) {
 
 // ---- outputs against the reference over the global batch ---------------------------------------
 
-using Param = std::tuple<syncbn_dtype_t, syncbn_layout_t, CudaScenario>;
-class CudaNcclCorrectness : public ::testing::TestWithParam<Param> {};
+class CudaNcclCorrectness : public ::testing::TestWithParam<CudaScenarioParam> {};
 
 TEST_P(CudaNcclCorrectness, MatchesReferenceOverGlobalBatch) {
   const auto& [dtype, layout, sc] = GetParam();
@@ -178,79 +177,15 @@ INSTANTIATE_TEST_SUITE_P(All, CudaNcclCorrectness,
                                             ::testing::Values(SYNCBN_CHANNELS_FIRST,
                                                               SYNCBN_CHANNELS_LAST),
                                             ::testing::ValuesIn(cuda_scenarios())),
-                         [](const ::testing::TestParamInfo<Param>& info) {
-                           return std::string(std::get<2>(info.param).name) + "_" +
-                                  dtype_name(std::get<0>(info.param)) + "_" +
-                                  layout_name(std::get<1>(info.param));
-                         });
+                         cuda_scenario_param_name);
 
 // ---- errors found on the device ----------------------------------------------------------------
-
-// One rank's buffers for a call on (n, C) channels-first, C = 3, in device memory: parameters
-// and statistics from the test's seed (identical on every rank), outputs filled with a sentinel.
-template <class S>
-struct NcclCall {
-  using P = typename CudaType<S>::Param;
-  static constexpr int64_t kC = 3;
-  Geometry g;
-  std::vector<int64_t> shape;
-  LayerState<P> st;
-  DeviceLayerState<P> dev;
-  DeviceArray<S> x, dy, y, dx;
-  DeviceArray<P> sm, si, dw, db;
-
-  explicit NcclCall(int64_t n) {
-    Rng common(test_seed());
-    st = LayerState<P>::random(kC, common);
-    dev = DeviceLayerState<P>(st);
-    Rng local(test_seed() + 7919u * static_cast<uint32_t>(world_rank() + 1));
-    g = make_geometry(SYNCBN_CHANNELS_FIRST, n, kC, {});
-    shape = g.shape();
-    x = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
-    dy = DeviceArray<S>(to_storage<S>(random_batch<P>(g, local)));
-    const std::vector<S> out_n(static_cast<size_t>(g.numel()), CudaType<S>::from_double(-777));
-    const std::vector<P> out_c(static_cast<size_t>(kC), P(-777));
-    y = DeviceArray<S>(out_n);
-    dx = DeviceArray<S>(out_n);
-    for (auto* a : {&sm, &si, &dw, &db}) *a = DeviceArray<P>(out_c);
-  }
-
-  syncbn_status_t forward(syncbn_plan_t plan, void* stream, bool null_weight = false) {
-    return syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(),
-                                   null_weight ? nullptr : dev.weight.data(), dev.bias.data(),
-                                   y.data(), sm.data(), si.data(), dev.running_mean.data(),
-                                   dev.running_var.data(), dev.num_batches_tracked.data(), stream);
-  }
-  syncbn_status_t backward(syncbn_plan_t plan, void* stream) {
-    return syncbn_backward(plan, g.ndim(), shape.data(), x.data(), dy.data(), dev.weight.data(),
-                           sm.data(), si.data(), dx.data(), dw.data(), db.data(), stream);
-  }
-};
-
-// Synchronizes stream; the error the device recorded (SYNCBN_SUCCESS if none).
-syncbn_status_t async_error(syncbn_plan_t plan, void* stream) {
-  syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
-  EXPECT_EQ(syncbn_plan_get_async_error(plan, stream, &async), SYNCBN_SUCCESS)
-      << rank_tag() << ": " << syncbn_last_error();
-  return async;
-}
-
-// COLLECTIVE: a CUDA plan (C = 3, channels-first, tracking, momentum 0.1) on comm.
-PlanHandle make_cuda_plan(syncbn_comm_t comm, syncbn_dtype_t dtype) {
-  syncbn_config_t cfg;
-  syncbn_config_init(&cfg, 3, dtype);
-  cfg.device = SYNCBN_DEVICE_CUDA;
-  syncbn_plan_t p = nullptr;
-  EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
-      << rank_tag() << ": " << syncbn_last_error();
-  return PlanHandle(p);
-}
 
 // COLLECTIVE: a valid step on every rank succeeds afterwards (nothing is stuck, the call
 // sequences are aligned) and counts one batch.
 template <class S>
 void expect_plan_still_works(syncbn_plan_t plan, void* stream) {
-  NcclCall<S> ok(2 + world_rank());
+  RankCall<S> ok(2 + world_rank(), {});
   EXPECT_EQ(ok.forward(plan, stream), SYNCBN_SUCCESS) << syncbn_last_error();
   EXPECT_EQ(ok.backward(plan, stream), SYNCBN_SUCCESS) << syncbn_last_error();
   EXPECT_EQ(async_error(plan, stream), SYNCBN_SUCCESS) << syncbn_last_error();
@@ -278,7 +213,7 @@ TEST_P(CudaNcclAsyncErrors, EmptyGlobalBatch) {
     PlanHandle plan = make_cuda_plan(world.get(), dtype);
     Stream stream;
     SCOPED_TRACE(rank_tag());
-    NcclCall<S> rc(0);
+    RankCall<S> rc(0, {});
     EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
     EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL);
     EXPECT_FALSE(std::string(syncbn_last_error()).empty()) << "no message for the async error";
@@ -312,7 +247,7 @@ TEST_P(CudaNcclAsyncErrors, OneValueWithTracking) {
     PlanHandle plan = make_cuda_plan(world.get(), dtype);
     Stream stream;
     SCOPED_TRACE(rank_tag());
-    NcclCall<S> rc(world_rank() == 0 ? 1 : 0);
+    RankCall<S> rc(world_rank() == 0 ? 1 : 0, {});
     EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
     EXPECT_EQ(async_error(plan.get(), stream.handle()), SYNCBN_ERROR_BATCH_TOO_SMALL);
     EXPECT_TRUE(state_unchanged("after a batch of one value", rc.dev, rc.st));
@@ -339,7 +274,7 @@ TEST_P(CudaNcclAsyncErrors, BadArgumentOnLastRank) {
     PlanHandle plan = make_cuda_plan(world.get(), dtype);
     Stream stream;
     SCOPED_TRACE(rank_tag() + ", bad rank " + std::to_string(bad));
-    NcclCall<S> rc(2 + world_rank());
+    RankCall<S> rc(2 + world_rank(), {});
     const syncbn_status_t s = rc.forward(plan.get(), stream.handle(), me_bad);
     if (me_bad) {
       EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << syncbn_last_error();
@@ -403,23 +338,6 @@ INSTANTIATE_TEST_SUITE_P(
 
 // ---- calls never wait for their stream ----------------------------------------------------------
 
-// Holds a stream (a host function enqueued on it waits) until opened, or gives up after 20 s.
-struct StreamGate {
-  std::atomic<bool> open{false}, entered{false}, gave_up{false};
-  static void CUDART_CB wait(void* p) {
-    auto* gate = static_cast<StreamGate*>(p);
-    gate->entered = true;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!gate->open.load()) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        gate->gave_up = true;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-};
-
 // With each rank's stream held by a host function, forward_training and backward over NCCL
 // return without waiting for it, and none of their work has run yet; released, the step
 // completes and matches an ordinary step on the same batch. (After one warm-up step.)
@@ -429,7 +347,7 @@ TEST(CudaNcclStream, CallsDoNotWaitForTheStream) {
   if (!world) return;
   PlanHandle plan = make_cuda_plan(world.get(), SYNCBN_FLOAT32);
   Stream stream, peek;
-  NcclCall<float> rc(64 + world_rank());
+  RankCall<float> rc(64 + world_rank(), {});
   const size_t n = static_cast<size_t>(rc.g.numel());
   EXPECT_EQ(rc.forward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
   EXPECT_EQ(rc.backward(plan.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
