@@ -48,10 +48,11 @@
  * will wait.
  *
  * Precision. Local sums are fp64 around a per-rank shift (no cancellation over millions of
- * values); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7 relative. Outputs are
- * (x - center) * scale + shift with the rounding of center folded into shift in fp64. Saved
- * statistics are of the parameter type, so backward of fp32 data centers on the fp32-rounded
- * mean: dweight and the projection term of dx carry a relative error of about
+ * values; channels-last CPU plans first sum groups of 16 rows in the data type, as CUDA plans
+ * sum vectors of rows in fp32); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7
+ * relative. Outputs are (x - center) * scale + shift with the rounding of center folded into
+ * shift in fp64. Saved statistics are of the parameter type, so backward of fp32 data centers on
+ * the fp32-rounded mean: dweight and the projection term of dx carry a relative error of about
  * 6e-8 * |mean| / std (as in cuDNN and PyTorch).
  *
  * Bitwise-identical running statistics across ranks rely on the allreduce returning the same

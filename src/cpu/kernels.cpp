@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <new>
 
 // Compiled once per instruction set (SYNCBN_CPU_ISA names the namespace: generic,
 // x86_64_v3, x86_64_v4; see src/CMakeLists.txt); dispatch.cpp picks one at run time.
@@ -21,15 +23,70 @@ constexpr std::int64_t kChunk = 16384;
 constexpr int kLanes = 32;
 // Below this many elements a pass runs on one thread (a parallel region costs microseconds).
 constexpr std::int64_t kParallelMin = 32768;
+// Channels-last rows summed in the data type before one fp64 merge (DESIGN.md section 2:
+// "blocked partials merged in fp64"): 16 rows measured best among 4, 8, 16 for C = 64 to 2048.
+constexpr std::int64_t kGroupRows = 16;
+// Channels-last rows at least this many bytes long are swept 4 at a time (a quarter of the
+// traffic to the group sums); shorter rows one at a time (4 concurrent streams 1 to 2 KiB apart
+// measured up to 2x slower than one on AMD EPYC).
+constexpr std::int64_t kMultiRowBytes = 4096;
 
 int threads_for(std::int64_t elements) {
   return elements < kParallelMin ? 1 : std::max(1, omp_get_max_threads());
 }
 
-// Doubles between two threads' partial sums: 2C rounded up to a cache line, plus one line, so
-// that no two threads write to the same line.
+// Loads and stores whose addresses agree in their low 12 bits look dependent to the CPU ("4K
+// aliasing"): the load waits for the store.
+constexpr std::uintptr_t kAliasPeriod = 4096;
+
+// Doubles between two threads' scratch: 2C fp64 partial sums, then 2C group sums (of at most 8
+// bytes each) placed by place_group_sums (at most 3 kAliasPeriod of slack), rounded up to a
+// cache line, plus one line, so that no two threads write to the same line.
 std::size_t partial_stride(std::int64_t channels) {
-  return (static_cast<std::size_t>(2 * channels) + 7) / 8 * 8 + 8;
+  const std::size_t doubles = static_cast<std::size_t>(4 * channels) + 3 * kAliasPeriod / 8;
+  return (doubles + 7) / 8 * 8 + 8;
+}
+
+// The group sums gu[C], gv[C] of type A, made in a thread's scratch after its fp64 sums pu[C],
+// pv[C] (reduce_rows stores to them for every vector it loads). Addresses of a
+// channels-last row's element k repeat modulo the period p = gcd(C * sizeof(A), 4096) from row
+// to row; gu is put at the residue modulo p farthest from those of the other arrays the loop
+// touches (`loaded`: the tensors and per-channel values the op reads, at most 3; and pu, pv),
+// and gv a whole number of periods after gu, so that no store to them 4K-aliases a load of a
+// nearby element. (Group sums 4 KiB after pu measured 1.5x slower than other placements for
+// C = 256 fp32 on AMD EPYC.)
+template <class A>
+struct GroupSums {
+  A* gu = nullptr;
+  A* gv = nullptr;
+};
+
+template <class A>
+GroupSums<A> place_group_sums(double* pu, std::int64_t C,
+                              std::initializer_list<const void*> loaded) {
+  const std::uintptr_t row = static_cast<std::uintptr_t>(C) * sizeof(A);
+  std::uintptr_t p = kAliasPeriod;
+  while (row % p != 0) p /= 2;
+  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(pu);
+  std::uintptr_t residue[4] = {base % p};  // pu; pv = pu + C is congruent to it
+  std::size_t n = 1;
+  for (const void* a : loaded) residue[n++] = reinterpret_cast<std::uintptr_t>(a) % p;
+  std::sort(residue, residue + n);
+  std::uintptr_t target = residue[0] + p / 2, widest = 0;
+  for (std::size_t i = 0; i < n; ++i) {  // the middle of the widest gap between residues
+    const std::uintptr_t next = i + 1 < n ? residue[i + 1] : residue[0] + p;
+    if (next - residue[i] > widest) {
+      widest = next - residue[i];
+      target = residue[i] + widest / 2;
+    }
+  }
+  target = target % p / alignof(A) * alignof(A);
+  A* const gu = reinterpret_cast<A*>(base + 2 * C * sizeof(double) + (target + p - base % p) % p);
+  const std::uintptr_t gap = (row + p - 1) / p * p / sizeof(A);  // >= C elements
+  for (std::uintptr_t k = 0; k < gap + static_cast<std::uintptr_t>(C); ++k) {
+    ::new (static_cast<void*>(gu + k)) A(0);
+  }
+  return {gu, gu + gap};
 }
 
 // The static share [lo, hi) of n items for thread t of nt.
@@ -67,16 +124,65 @@ void for_share(const Geometry& g, int t, int nt, Body&& body) {
   }
 }
 
-// The two contributions (fp64) of one element to a reduction. Returned by value: an address
+// The two contributions of one element to a reduction, in type A. Returned by value: an address
 // taken inside an "omp simd" loop makes GCC keep the variable in memory, one slot per lane.
+template <class A>
 struct Pair {
-  double u, v;
+  A u, v;
 };
 
-// The two reductions share one traversal. An Op gives, for element i of channel c, the Pair
-// whose u and v are summed per channel.
-template <class Op>
-void reduce_pairs(const Geometry& g, const Op& op, double* out_u, double* out_v, Workspace& ws) {
+// Channels-last rows [r_begin, r_end) of C channels, added into the fp64 sums pu[C], pv[C]. Each
+// group of kGroupRows rows is first summed in type A into gu[C], gv[C] (vectorized across
+// channels, M rows per sweep), then merged into pu, pv: the fp64 sums are touched once per group.
+template <int M, class A, class Op>
+void reduce_rows(const Op& op, std::int64_t C, std::int64_t r_begin, std::int64_t r_end,
+                 A* const gu, A* const gv, double* pu, double* pv) {
+  for (std::int64_t r0 = r_begin; r0 < r_end; r0 += kGroupRows) {
+    const std::int64_t r1 = std::min(r0 + kGroupRows, r_end);
+#pragma omp simd
+    for (std::int64_t k = 0; k < C; ++k) {
+      gu[k] = A(0);
+      gv[k] = A(0);
+    }
+    std::int64_t r = r0;
+    for (; r + M <= r1; r += M) {
+#pragma omp simd
+      for (std::int64_t k = 0; k < C; ++k) {
+        A su = gu[k], sv = gv[k];
+        for (int m = 0; m < M; ++m) {
+          const Pair<A> p = op(A{}, (r + m) * C + k, k);
+          su += p.u;
+          sv += p.v;
+        }
+        gu[k] = su;
+        gv[k] = sv;
+      }
+    }
+    for (; r < r1; ++r) {
+#pragma omp simd
+      for (std::int64_t k = 0; k < C; ++k) {
+        const Pair<A> p = op(A{}, r * C + k, k);
+        gu[k] += p.u;
+        gv[k] += p.v;
+      }
+    }
+#pragma omp simd
+    for (std::int64_t k = 0; k < C; ++k) {
+      pu[k] += static_cast<double>(gu[k]);
+      pv[k] += static_cast<double>(gv[k]);
+    }
+  }
+}
+
+// The two reductions share one traversal. An Op gives, for element i of channel c, the Pair<B>
+// whose u and v are summed per channel, computed in type B (op(B{}, i, c)). Channels-first
+// pieces take fp64 pairs (exact for fp32 data) into fp64 accumulators; channels-last rows take
+// pairs in A (the data type) into group sums merged in fp64 (reduce_rows).
+//
+// `loaded` (at most 3) are the arrays the op reads, for place_group_sums.
+template <class A, class Op>
+void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const void*> loaded,
+                  double* out_u, double* out_v, Workspace& ws) {
   const std::int64_t C = g.channels;
   const int nt = threads_for(g.outer * C * g.inner);
   const std::size_t stride = partial_stride(C);
@@ -88,17 +194,13 @@ void reduce_pairs(const Geometry& g, const Op& op, double* out_u, double* out_v,
     const int t = omp_get_thread_num();
     double* const pu = partials + static_cast<std::size_t>(t) * stride;
     double* const pv = pu + C;
+    const GroupSums<A> gs = g.inner == 1 ? place_group_sums<A>(pu, C, loaded) : GroupSums<A>{};
     for_share(g, t, omp_get_num_threads(), [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
       if (c < 0) {
-        // Channels-last rows, vectorized across channels. (Unrolling over 4 rows per update of
-        // the partials measured 2x slower with GCC 12.)
-        for (std::int64_t r = begin; r < end; r += C) {
-#pragma omp simd
-          for (std::int64_t k = 0; k < C; ++k) {
-            const Pair p = op(r + k, k);
-            pu[k] += p.u;
-            pv[k] += p.v;
-          }
+        if (C * static_cast<std::int64_t>(sizeof(A)) >= kMultiRowBytes) {
+          reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
+        } else {
+          reduce_rows<1>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
         }
       } else {
         // Channels-first piece of one channel: kLanes independent accumulators (in registers,
@@ -108,13 +210,13 @@ void reduce_pairs(const Geometry& g, const Op& op, double* out_u, double* out_v,
         std::int64_t i = begin;
         for (; i + kLanes <= end; i += kLanes) {
           for (int k = 0; k < kLanes; ++k) {
-            const Pair p = op(i + k, c);
+            const Pair<double> p = op(0.0, i + k, c);
             au[k] += p.u;
             av[k] += p.v;
           }
         }
         for (int k = 0; i < end; ++i, ++k) {
-          const Pair p = op(i, c);
+          const Pair<double> p = op(0.0, i, c);
           au[k] += p.u;
           av[k] += p.v;
         }
@@ -170,25 +272,27 @@ void reserve_workspace(Workspace& ws, std::int64_t channels) {
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws) {
-  reduce_pairs(
+  reduce_pairs<T>(
       g,
-      [x, shift](std::int64_t i, std::int64_t c) {
-        const double xi = static_cast<double>(x[i]) - static_cast<double>(shift[c]);
-        return Pair{xi, xi * xi};
+      [x, shift](auto b, std::int64_t i, std::int64_t c) {
+        using B = decltype(b);
+        const B xi = static_cast<B>(x[i]) - static_cast<B>(shift[c]);
+        return Pair<B>{xi, xi * xi};
       },
-      sum, sumsq, ws);
+      {x, shift}, sum, sumsq, ws);
 }
 
 template <class T>
 void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
                  double* sum_gx, Workspace& ws) {
-  reduce_pairs(
+  reduce_pairs<T>(
       g,
-      [x, dy, center](std::int64_t i, std::int64_t c) {
-        const double gi = static_cast<double>(dy[i]);
-        return Pair{gi, gi * (static_cast<double>(x[i]) - static_cast<double>(center[c]))};
+      [x, dy, center](auto b, std::int64_t i, std::int64_t c) {
+        using B = decltype(b);
+        const B gi = static_cast<B>(dy[i]);
+        return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
       },
-      sum_g, sum_gx, ws);
+      {x, dy, center}, sum_g, sum_gx, ws);
 }
 
 template <class T>

@@ -59,14 +59,18 @@ const char* isa_name();
 void reserve_workspace(Workspace& ws, std::int64_t channels);
 
 // Shifted moments: sum[c] = sum (x - shift[c]), sumsq[c] = sum (x - shift[c])^2 over the
-// channel, in fp64 (fp32 data is widened first, so differences and squares are exact). A shift
-// near the mean keeps the sums free of cancellation (core::unshift_moments turns them back into
-// plain sums). Overwrites C values of each.
+// channel, accumulated in fp64. Channels-first: fp32 data is widened first, so differences and
+// squares are exact. Channels-last: terms are formed in the data type and summed over groups of
+// up to 16 rows in it, then merged in fp64 (DESIGN.md section 2, "blocked partials merged in
+// fp64"; relative error of a group about 16 ulp of its absolute sum, none from the fp64 merge).
+// A shift near the mean keeps the sums free of cancellation (core::unshift_moments turns them
+// back into plain sums). Overwrites C values of each.
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws);
 
-// sum_g[c] = sum dy, sum_gx[c] = sum dy * (x - center[c]), in fp64.
+// sum_g[c] = sum dy, sum_gx[c] = sum dy * (x - center[c]), accumulated in fp64 as in
+// reduce_moments (channels-last: 16-row groups in the data type first).
 template <class T>
 void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
                  double* sum_gx, Workspace& ws);
