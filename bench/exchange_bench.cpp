@@ -1,0 +1,217 @@
+// exchange_bench: the statistics exchange alone, syncbn's against PyTorch's and Apex's, over the
+// MPI ranks it runs on, and where the two cross over as the rank count P grows.
+//
+//   mpirun -n P exchange_bench [--channels 64,128,...] [-n 200] [-w 20] [--max-p 4096] [--csv F]
+//
+// Per channel count C (default: ResNet-50's batch-norm widths), one call's payload is the packed
+// buffer libsyncbn allreduces, n = 2C + 18 doubles (sums, sums of squares, count, guard slots):
+//   allreduce  MPI_Allreduce(SUM, in place) of n doubles: syncbn's exchange, O(C) per rank;
+//   allgather  MPI_Allgather of n doubles from every rank (P x n received) and the rank-order
+//              sum of the P vectors on every rank: the exchange of PyTorch's SyncBatchNorm and
+//              Apex (mean, invstd and count per rank), O(P C) per rank.
+// Both run in the same loop, in alternating order, each call after a barrier; a call's time is
+// its slowest rank's; the table gives the median over iterations (microseconds).
+//
+// Model (printed below the table; the crossover has to be modelled where P cannot grow, e.g. on
+// a 2-core machine). The allgather times at this P, less the combine, are fitted by least
+// squares over the C sweep with recursive doubling's cost L alpha + (P - 1) n beta (Hockney:
+// alpha per step, beta per byte; at P = 2 one plain exchange), the combine with (P - 1) n gamma.
+// (The allreduce is not fitted: the algorithm Open MPI picks changes with the size.) These go
+// into the costs of the standard algorithms (Thakur, Rabenseifner and Gropp, "Optimization of
+// collective communication operations in MPICH", IJHPCA 19(1), 2005), each collective taking
+// its cheaper one, for P = 2, 4, 8, ... up to --max-p:
+//   allreduce  min(recursive doubling: L (alpha + n beta + n gamma),
+//                  ring (reduce-scatter + allgather): 2 (P - 1) alpha + 2 (P - 1)/P n beta
+//                                                      + (P - 1)/P n gamma)
+//   allgather  min(recursive doubling: L alpha + (P - 1) n beta, ring: (P - 1) (alpha + n beta))
+//              + (P - 1) n gamma (the combine)
+// with L = log2 P and n in bytes. It reports, per C, the smallest P at which the allgather
+// exchange takes 1.1x and 2x as long as the allreduce. At the measured P the table's own ratio
+// is the one to trust (Open MPI's actual algorithms); beyond it the model's.
+#include <mpi.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kGuardDoubles = 18;  // the packed buffer's count and guard slots (2C + 18)
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+struct Row {
+  int channels = 0;
+  double bytes = 0, allreduce_us = 0, allgather_us = 0, combine_us = 0;
+};
+
+// Least-squares line y = a + b x.
+void fit_line(const std::vector<double>& x, const std::vector<double>& y, double& a, double& b) {
+  const double n = static_cast<double>(x.size());
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    sx += x[i];
+    sy += y[i];
+    sxx += x[i] * x[i];
+    sxy += x[i] * y[i];
+  }
+  const double den = n * sxx - sx * sx;
+  b = den != 0 ? (n * sxy - sx * sy) / den : 0;
+  a = (sy - b * sx) / n;
+}
+
+struct Model {
+  double alpha = 0, beta = 0, gamma = 0;  // us per step, us per byte sent, us per byte summed
+  double allreduce(double p, double n) const {
+    const double l = std::ceil(std::log2(p));
+    const double rd = l * (alpha + n * beta + n * gamma);
+    const double ring = 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta + (p - 1) / p * n * gamma;
+    return std::min(rd, ring);
+  }
+  double allgather(double p, double n) const {
+    const double l = std::ceil(std::log2(p));
+    return std::min(l * alpha + (p - 1) * n * beta, (p - 1) * (alpha + n * beta)) +
+           (p - 1) * n * gamma;
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+
+  CLI::App app{"syncbn's O(C) allreduce against the O(P C) allgather exchange of PyTorch / Apex"};
+  std::vector<int> channels{64, 128, 256, 512, 1024, 2048};
+  int iters = 200, warmup = 20, max_p = 4096;
+  std::string csv;
+  app.add_option("--channels", channels, "channel counts C (payload 2C + 18 doubles)")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
+  app.add_option("-n,--iters", iters, "timed iterations (median reported)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("-w,--warmup", warmup, "warm-up iterations")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-p", max_p, "largest P of the model")->check(CLI::Range(2, 1 << 20));
+  app.add_option("--csv", csv, "write the measured rows and the model's crossovers as CSV");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = rank == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 2);
+    MPI_Finalize();
+    return code;
+  }
+
+  std::vector<Row> rows;
+  for (const int c : channels) {
+    const int n = 2 * c + kGuardDoubles;
+    std::vector<double> buf(n), gathered(static_cast<std::size_t>(n) * size), sum(n);
+    for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;
+    std::vector<double> t_ar, t_ag, t_comb;
+    for (int it = 0; it < warmup + iters; ++it) {
+      double local[3];
+      for (int k = 0; k < 2; ++k) {
+        const bool ar = (k == 0) == (it % 2 == 0);  // alternate which one goes first
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double a = MPI_Wtime();
+        if (ar) {
+          MPI_Allreduce(MPI_IN_PLACE, buf.data(), n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+          local[0] = MPI_Wtime() - a;
+        } else {
+          MPI_Allgather(buf.data(), n, MPI_DOUBLE, gathered.data(), n, MPI_DOUBLE,
+                        MPI_COMM_WORLD);
+          const double b = MPI_Wtime();
+          std::copy(gathered.begin(), gathered.begin() + n, sum.begin());
+          for (int r = 1; r < size; ++r) {
+            const double* g = gathered.data() + static_cast<std::size_t>(r) * n;
+            for (int i = 0; i < n; ++i) sum[i] += g[i];
+          }
+          local[1] = MPI_Wtime() - a;
+          local[2] = MPI_Wtime() - b;
+        }
+        for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;  // keep the values bounded
+      }
+      double slowest[3];
+      MPI_Allreduce(local, slowest, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      if (it >= warmup) {
+        t_ar.push_back(slowest[0] * 1e6);
+        t_ag.push_back(slowest[1] * 1e6);
+        t_comb.push_back(slowest[2] * 1e6);
+      }
+    }
+    rows.push_back({c, 8.0 * n, median(t_ar), median(t_ag), median(t_comb)});
+  }
+
+  if (rank == 0) {
+    const double p = size;
+    std::printf("# exchange_bench: %d ranks, %d iterations (%d warm-up), median of the slowest "
+                "rank per call\n",
+                size, iters, warmup);
+    std::printf("# %6s %10s %14s %14s %12s %14s\n", "C", "bytes/rank", "allreduce(us)",
+                "allgather(us)", "combine(us)", "allgather/ar");
+    for (const Row& r : rows) {
+      std::printf("  %6d %10.0f %14.2f %14.2f %12.2f %14.2f\n", r.channels, r.bytes,
+                  r.allreduce_us, r.allgather_us, r.combine_us, r.allgather_us / r.allreduce_us);
+    }
+
+    // Fit at this P: allgather less combine t = L alpha + (P - 1) n beta; combine
+    // t = (P - 1) n gamma.
+    const double steps = std::max(std::ceil(std::log2(p)), 1.0), others = std::max(p - 1, 1.0);
+    std::vector<double> x, y_ag, y_comb;
+    for (const Row& r : rows) {
+      x.push_back(r.bytes);
+      y_ag.push_back(r.allgather_us - r.combine_us);
+      y_comb.push_back(r.combine_us);
+    }
+    Model m;
+    double intercept = 0, slope = 0, unused = 0;
+    fit_line(x, y_ag, intercept, slope);
+    fit_line(x, y_comb, unused, m.gamma);
+    m.alpha = std::max(intercept / steps, 0.0);
+    m.beta = std::max(slope / others, 0.0);
+    m.gamma = std::max(m.gamma / others, 0.0);
+    std::printf("# Model (Hockney, allgather fitted at P = %d over the C sweep): alpha %.3f us per step, "
+                "beta %.3g us/byte (%.2f GB/s), gamma %.3g us/byte summed\n",
+                size, m.alpha, m.beta, m.beta > 0 ? 1e-3 / m.beta : 0.0, m.gamma);
+    std::printf("# Modelled allgather / allreduce by P; crossover = smallest P where the ratio "
+                "reaches 1.1x and 2x\n");
+    std::printf("# %6s", "C");
+    for (int q = 2; q <= max_p; q *= 2) std::printf(" %7d", q);
+    std::printf(" %9s %9s\n", "P(1.1x)", "P(2x)");
+    std::FILE* f = csv.empty() ? nullptr : std::fopen(csv.c_str(), "w");
+    if (!csv.empty() && f == nullptr) std::fprintf(stderr, "exchange_bench: cannot write %s\n", csv.c_str());
+    if (f != nullptr) {
+      std::fprintf(f,
+                   "ranks,channels,bytes_per_rank,allreduce_us,allgather_us,combine_us,"
+                   "model_alpha_us,model_beta_us_per_byte,model_gamma_us_per_byte,"
+                   "model_crossover_p_1.1x,model_crossover_p_2x\n");
+    }
+    for (const Row& r : rows) {
+      std::printf("  %6d", r.channels);
+      int p11 = 0, p2 = 0;
+      for (int q = 2; q <= max_p; q *= 2) {
+        const double ratio = m.allgather(q, r.bytes) / m.allreduce(q, r.bytes);
+        std::printf(" %7.2f", ratio);
+        if (p11 == 0 && ratio >= 1.1) p11 = q;
+        if (p2 == 0 && ratio >= 2.0) p2 = q;
+      }
+      const auto cell = [](int q) { return q > 0 ? std::to_string(q) : std::string(">max"); };
+      std::printf(" %9s %9s\n", cell(p11).c_str(), cell(p2).c_str());
+      if (f != nullptr) {
+        std::fprintf(f, "%d,%d,%.0f,%.3f,%.3f,%.3f,%.4f,%.6g,%.6g,%d,%d\n", size, r.channels,
+                     r.bytes, r.allreduce_us, r.allgather_us, r.combine_us, m.alpha, m.beta,
+                     m.gamma, p11, p2);
+      }
+    }
+    if (f != nullptr) std::fclose(f);
+  }
+  MPI_Finalize();
+  return 0;
+}
