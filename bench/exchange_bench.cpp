@@ -25,8 +25,9 @@
 //                                                      + (P - 1)/P n gamma)
 //   allgather  min(recursive doubling: L alpha + (P - 1) n beta, ring: (P - 1) (alpha + n beta))
 //              + (P - 1) n gamma (the combine)
-// with L = log2 P and n in bytes. It reports, per C, the smallest P at which the allgather
-// exchange takes 1.1x and 2x as long as the allreduce. At the measured P the table's own ratio
+// with L = ceil(log2 P) and n in bytes (the fit needs two or more distinct C). It reports, per
+// C, the smallest P at which the allgather exchange takes 1.1x and 2x as long as the allreduce
+// (">max" in the table, 0 in the CSV: not within --max-p). At the measured P the table's own ratio
 // is the one to trust (Open MPI's actual algorithms); beyond it the model's.
 #include <mpi.h>
 
@@ -95,7 +96,7 @@ int main(int argc, char** argv) {
   std::string csv;
   app.add_option("--channels", channels, "channel counts C (payload 2C + 18 doubles)")
       ->delimiter(',')
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1 << 26));
   app.add_option("-n,--iters", iters, "timed iterations (median reported)")
       ->check(CLI::PositiveNumber);
   app.add_option("-w,--warmup", warmup, "warm-up iterations")->check(CLI::NonNegativeNumber);
@@ -149,6 +150,9 @@ int main(int argc, char** argv) {
     rows.push_back({c, 8.0 * n, median(t_ar), median(t_ag), median(t_comb)});
   }
 
+  std::vector<int> distinct = channels;
+  std::sort(distinct.begin(), distinct.end());
+  const bool fit = std::unique(distinct.begin(), distinct.end()) - distinct.begin() >= 2;
   if (rank == 0) {
     const double p = size;
     std::printf("# exchange_bench: %d ranks, %d iterations (%d warm-up), median of the slowest "
@@ -161,6 +165,11 @@ int main(int argc, char** argv) {
                   r.allreduce_us, r.allgather_us, r.combine_us, r.allgather_us / r.allreduce_us);
     }
 
+    if (!fit) {
+      std::printf("# Model: needs two or more distinct --channels values to fit; skipped\n");
+      MPI_Finalize();
+      return 0;
+    }
     // Fit at this P: allgather less combine t = L alpha + (P - 1) n beta; combine
     // t = (P - 1) n gamma.
     const double steps = std::max(std::ceil(std::log2(p)), 1.0), others = std::max(p - 1, 1.0);

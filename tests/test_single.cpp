@@ -426,6 +426,32 @@ INSTANTIATE_TEST_SUITE_P(All, Fp32LargeMean,
                            return std::string(layout_name(info.param));
                          });
 
+// fp32 data near 1e19 (std 5e18): squares of the values overflow fp32, so the 16-row fp32 group
+// sums of inner-size-1 data (channels-last, or (N, C)) would be infinite; the kernels redo those
+// sums in fp64, and the statistics stay finite and precise.
+TEST_P(Fp32LargeMean, HugeValuesDoNotOverflow) {
+  const syncbn_layout_t layout = GetParam();
+  Rng rng(test_seed());
+  const int64_t C = 3;
+  const syncbn_config_t cfg = make_cfg(C, SYNCBN_FLOAT32, layout, true, true, 1.0);
+  syncbn::BatchNorm bn(syncbn::Communicator::self(), cfg);
+  for (const Geometry& g : {make_geometry(layout, 8, C, {16, 16}), make_geometry(layout, 999, C, {})}) {
+    const auto x = random_batch<float>(g, rng, ChannelDistribution::constant(C, 1e19, 5e18));
+    auto st = LayerState<float>::random(C, rng);
+    std::vector<float> y(x.size()), save_mean(C), save_invstd(C);
+    bn.forward_training(g.shape(), x.data(), st.weight.data(), st.bias.data(), y.data(),
+                        save_mean.data(), save_invstd.data(), st.running_mean.data(),
+                        st.running_var.data(), &st.num_batches_tracked);
+    const BatchStats ref = batch_stats(gather(g, x.data()), cfg.eps);
+    const double m = static_cast<double>(ref.count);
+    std::vector<double> unbiased;
+    for (double v : ref.var) unbiased.push_back(v * m / (m - 1));
+    EXPECT_TRUE(all_close("running_var", st.running_var, unbiased, Tol{1e-5, {}}));
+    EXPECT_TRUE(all_close("save_invstd", save_invstd, ref.invstd, Tol{1e-5, {}}));
+    EXPECT_TRUE(all_close("save_mean", save_mean, ref.mean, Tol{1e-5, {}}));
+  }
+}
+
 // ---- special values, aliasing, modes ---------------------------------------------------------
 
 class SpecialValues : public ::testing::TestWithParam<DtypeLayout> {};

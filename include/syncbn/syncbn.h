@@ -48,8 +48,9 @@
  * will wait.
  *
  * Precision. Local sums are fp64 around a per-rank shift (no cancellation over millions of
- * values; channels-last CPU plans first sum groups of 16 rows in the data type, as CUDA plans
- * sum vectors of rows in fp32); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7
+ * values; CPU plans first sum groups of 16 rows in the data type where the inner size is 1,
+ * channels-last or (N, C), redoing them in fp64 if fp32 overflows; CUDA plans sum vectors of
+ * rows in fp32); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7
  * relative. Outputs are (x - center) * scale + shift with the rounding of center folded into
  * shift in fp64. Saved statistics are of the parameter type, so backward of fp32 data centers on
  * the fp32-rounded mean: dweight and the projection term of dx carry a relative error of about

@@ -3,8 +3,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <initializer_list>
-#include <new>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 // Compiled once per instruction set (SYNCBN_CPU_ISA names the namespace: generic,
 // x86_64_v3, x86_64_v4; see src/CMakeLists.txt); dispatch.cpp picks one at run time.
@@ -23,7 +26,7 @@ constexpr std::int64_t kChunk = 16384;
 constexpr int kLanes = 32;
 // Below this many elements a pass runs on one thread (a parallel region costs microseconds).
 constexpr std::int64_t kParallelMin = 32768;
-// Channels-last rows summed in the data type before one fp64 merge (DESIGN.md section 2:
+// Channels-last rows summed in the data type before one fp64 merge (DESIGN.md section 1, step 1:
 // "blocked partials merged in fp64"): 16 rows measured best among 4, 8, 16 for C = 64 to 2048.
 constexpr std::int64_t kGroupRows = 16;
 // Channels-last rows at least this many bytes long are swept 4 at a time (a quarter of the
@@ -39,22 +42,42 @@ int threads_for(std::int64_t elements) {
 // aliasing"): the load waits for the store.
 constexpr std::uintptr_t kAliasPeriod = 4096;
 
-// Doubles between two threads' scratch: 2C fp64 partial sums, then 2C group sums (of at most 8
-// bytes each) placed by place_group_sums (at most 3 kAliasPeriod of slack), rounded up to a
-// cache line, plus one line, so that no two threads write to the same line.
-std::size_t partial_stride(std::int64_t channels) {
-  const std::size_t doubles = static_cast<std::size_t>(4 * channels) + 3 * kAliasPeriod / 8;
-  return (doubles + 7) / 8 * 8 + 8;
+// Elements of `bytes` bytes between two threads' scratch arrays of n elements (`slack` bytes of
+// room for placement before them): rounded up to a cache line, plus one line, so that no two
+// threads write to the same line.
+std::size_t thread_stride(std::size_t n, std::size_t bytes, std::size_t slack) {
+  const std::size_t line = 64 / bytes;
+  return (n + slack / bytes + line - 1) / line * line + line;
 }
 
-// The group sums gu[C], gv[C] of type A, made in a thread's scratch after its fp64 sums pu[C],
-// pv[C] (reduce_rows stores to them for every vector it loads). Addresses of a
-// channels-last row's element k repeat modulo the period p = gcd(C * sizeof(A), 4096) from row
-// to row; gu is put at the residue modulo p farthest from those of the other arrays the loop
-// touches (`loaded`: the tensors and per-channel values the op reads, at most 3; and pu, pv),
-// and gv a whole number of periods after gu, so that no store to them 4K-aliases a load of a
-// nearby element. (Group sums 4 KiB after pu measured 1.5x slower than other placements for
-// C = 256 fp32 on AMD EPYC.)
+// The fp64 partial sums: 2C per thread.
+std::size_t sums_stride(std::int64_t C) { return thread_stride(2 * C, sizeof(double), 0); }
+
+// The group sums of type A: 2C per thread, after up to kAliasPeriod of room for placement.
+template <class A>
+std::size_t groups_stride(std::int64_t C) {
+  return thread_stride(2 * C, sizeof(A), kAliasPeriod);
+}
+
+template <class A>
+std::vector<A>& group_storage(Workspace& ws);
+template <>
+std::vector<float>& group_storage<float>(Workspace& ws) {
+  return ws.groups_f32;
+}
+template <>
+std::vector<double>& group_storage<double>(Workspace& ws) {
+  return ws.groups_f64;
+}
+
+// The group sums gu[C], gv[C] of type A, in a thread's group scratch `room` (kAliasPeriod bytes
+// of room, then 2C elements; reduce_rows stores to them for every vector it loads). Addresses
+// of a channels-last row's element k repeat modulo the period p = gcd(C * sizeof(A), 4096) from
+// row to row; gu is put at the residue modulo p farthest from those of the other arrays the
+// loop touches (`loaded`: the tensors and per-channel values the op reads, at most 3; and the
+// fp64 sums pu, pv = pu + C), and gv = gu + C, congruent to gu, so that no store to them
+// 4K-aliases a load of a nearby element. (Group sums 4 KiB after pu measured 1.5x slower than
+// other placements for C = 256 fp32 on AMD EPYC.)
 template <class A>
 struct GroupSums {
   A* gu = nullptr;
@@ -62,16 +85,21 @@ struct GroupSums {
 };
 
 template <class A>
-GroupSums<A> place_group_sums(double* pu, std::int64_t C,
+GroupSums<A> place_group_sums(A* room, const double* pu, std::int64_t C,
                               std::initializer_list<const void*> loaded) {
   const std::uintptr_t row = static_cast<std::uintptr_t>(C) * sizeof(A);
   std::uintptr_t p = kAliasPeriod;
-  while (row % p != 0) p /= 2;
-  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(pu);
-  std::uintptr_t residue[4] = {base % p};  // pu; pv = pu + C is congruent to it
+  while (row % p != 0) p /= 2;  // p >= sizeof(A): row is a multiple of it
+  std::uintptr_t residue[4] = {reinterpret_cast<std::uintptr_t>(pu) % p};
   std::size_t n = 1;
-  for (const void* a : loaded) residue[n++] = reinterpret_cast<std::uintptr_t>(a) % p;
-  std::sort(residue, residue + n);
+  for (const void* a : loaded) {
+    if (n < 4) residue[n++] = reinterpret_cast<std::uintptr_t>(a) % p;
+  }
+  for (std::size_t i = 1; i < n; ++i) {  // sort (std::sort trips GCC 12's -Warray-bounds here)
+    for (std::size_t j = i; j > 0 && residue[j - 1] > residue[j]; --j) {
+      std::swap(residue[j - 1], residue[j]);
+    }
+  }
   std::uintptr_t target = residue[0] + p / 2, widest = 0;
   for (std::size_t i = 0; i < n; ++i) {  // the middle of the widest gap between residues
     const std::uintptr_t next = i + 1 < n ? residue[i + 1] : residue[0] + p;
@@ -80,13 +108,10 @@ GroupSums<A> place_group_sums(double* pu, std::int64_t C,
       target = residue[i] + widest / 2;
     }
   }
-  target = target % p / alignof(A) * alignof(A);
-  A* const gu = reinterpret_cast<A*>(base + 2 * C * sizeof(double) + (target + p - base % p) % p);
-  const std::uintptr_t gap = (row + p - 1) / p * p / sizeof(A);  // >= C elements
-  for (std::uintptr_t k = 0; k < gap + static_cast<std::uintptr_t>(C); ++k) {
-    ::new (static_cast<void*>(gu + k)) A(0);
-  }
-  return {gu, gu + gap};
+  target = target % p / sizeof(A);  // in elements; room is A-aligned, and so is every residue
+  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(room) % p / sizeof(A);
+  A* const gu = room + (target + p / sizeof(A) - at) % (p / sizeof(A));
+  return {gu, gu + C};
 }
 
 // The static share [lo, hi) of n items for thread t of nt.
@@ -185,16 +210,22 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
                   double* out_u, double* out_v, Workspace& ws) {
   const std::int64_t C = g.channels;
   const int nt = threads_for(g.outer * C * g.inner);
-  const std::size_t stride = partial_stride(C);
-  ws.assign(static_cast<std::size_t>(nt) * stride, 0.0);  // within reserve_workspace's capacity
-  double* const partials = ws.data();
+  const std::size_t stride = sums_stride(C), gstride = groups_stride<A>(C);
+  // Within reserve_workspace's capacity unless the thread count grew.
+  ws.sums.assign(static_cast<std::size_t>(nt) * stride, 0.0);
+  std::vector<A>& groups = group_storage<A>(ws);
+  if (g.inner == 1) groups.assign(static_cast<std::size_t>(nt) * gstride, A(0));
+  double* const partials = ws.sums.data();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
     double* const pu = partials + static_cast<std::size_t>(t) * stride;
     double* const pv = pu + C;
-    const GroupSums<A> gs = g.inner == 1 ? place_group_sums<A>(pu, C, loaded) : GroupSums<A>{};
+    const GroupSums<A> gs =
+        g.inner == 1 ? place_group_sums<A>(groups.data() + static_cast<std::size_t>(t) * gstride,
+                                           pu, C, loaded)
+                     : GroupSums<A>{};
     for_share(g, t, omp_get_num_threads(), [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
       if (c < 0) {
         if (C * static_cast<std::int64_t>(sizeof(A)) >= kMultiRowBytes) {
@@ -265,14 +296,39 @@ void map_elements(const Geometry& g, const Op& op) {
 }  // namespace
 
 void reserve_workspace(Workspace& ws, std::int64_t channels) {
-  ws.reserve(static_cast<std::size_t>(std::max(1, omp_get_max_threads())) *
-             partial_stride(channels));
+  const auto nt = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
+  ws.sums.reserve(nt * sums_stride(channels));
+  ws.groups_f32.reserve(nt * groups_stride<float>(channels));
+  ws.groups_f64.reserve(nt * groups_stride<double>(channels));
 }
+
+namespace {
+
+// Whether all C of u and v are finite.
+bool all_finite(const double* u, const double* v, std::int64_t C) {
+  bool ok = true;
+  for (std::int64_t c = 0; c < C; ++c) ok &= std::isfinite(u[c]) && std::isfinite(v[c]);
+  return ok;
+}
+
+// reduce_pairs in the data type T; for fp32 data whose group sums came out non-finite (an fp32
+// overflow, or non-finite data), again in fp64, so that only non-finite data give non-finite
+// sums, as in the channels-first path.
+template <class T, class Op>
+void reduce_data(const Geometry& g, const Op& op, std::initializer_list<const void*> loaded,
+                 double* out_u, double* out_v, Workspace& ws) {
+  reduce_pairs<T>(g, op, loaded, out_u, out_v, ws);
+  if (std::is_same_v<T, float> && g.inner == 1 && !all_finite(out_u, out_v, g.channels)) {
+    reduce_pairs<double>(g, op, loaded, out_u, out_v, ws);
+  }
+}
+
+}  // namespace
 
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws) {
-  reduce_pairs<T>(
+  reduce_data<T>(
       g,
       [x, shift](auto b, std::int64_t i, std::int64_t c) {
         using B = decltype(b);
@@ -285,7 +341,7 @@ void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, 
 template <class T>
 void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
                  double* sum_gx, Workspace& ws) {
-  reduce_pairs<T>(
+  reduce_data<T>(
       g,
       [x, dy, center](auto b, std::int64_t i, std::int64_t c) {
         using B = decltype(b);

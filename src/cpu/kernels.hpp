@@ -16,7 +16,11 @@ using core::Geometry;
 
 // Scratch for per-thread partial sums; owned by a plan. A reduction grows it only if the
 // OpenMP thread count grew since reserve_workspace (and may then throw std::bad_alloc).
-using Workspace = std::vector<double>;
+struct Workspace {
+  std::vector<double> sums;         // fp64 partial sums, 2C per thread
+  std::vector<float> groups_f32;    // channels-last group sums of fp32 data, 2C per thread
+  std::vector<double> groups_f64;   // the same for fp64 data (and fp32 data's fp64 fallback)
+};
 
 // The kernels, declared once per instruction set they are compiled for (kernels.cpp). The
 // entry points below (dispatch.cpp) call the best set this CPU supports, chosen once: AVX-512
@@ -59,18 +63,20 @@ const char* isa_name();
 void reserve_workspace(Workspace& ws, std::int64_t channels);
 
 // Shifted moments: sum[c] = sum (x - shift[c]), sumsq[c] = sum (x - shift[c])^2 over the
-// channel, accumulated in fp64. Channels-first: fp32 data is widened first, so differences and
-// squares are exact. Channels-last: terms are formed in the data type and summed over groups of
-// up to 16 rows in it, then merged in fp64 (DESIGN.md section 2, "blocked partials merged in
-// fp64"; relative error of a group about 16 ulp of its absolute sum, none from the fp64 merge).
-// A shift near the mean keeps the sums free of cancellation (core::unshift_moments turns them
-// back into plain sums). Overwrites C values of each.
+// channel, accumulated in fp64. Inner size > 1 (channels-first with spatial dims): fp32 data is
+// widened first, so differences and squares are exact. Inner size 1 (channels-last, or (N, C)
+// input): terms are formed in the data type and summed over groups of up to 16 rows in it, then
+// merged in fp64 (DESIGN.md section 1, step 1, "blocked partials merged in fp64"; a group's
+// relative error is about 16 ulp of its absolute sum, the merge adds none); where an fp32 group
+// overflows (|x - shift| above ~1e19) the reduction is redone in fp64. A shift near the mean
+// keeps the sums free of cancellation (core::unshift_moments turns them back into plain sums).
+// Overwrites C values of each.
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws);
 
 // sum_g[c] = sum dy, sum_gx[c] = sum dy * (x - center[c]), accumulated in fp64 as in
-// reduce_moments (channels-last: 16-row groups in the data type first).
+// reduce_moments (inner size 1: 16-row groups in the data type first, fp64 where they overflow).
 template <class T>
 void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
                  double* sum_gx, Workspace& ws);
