@@ -384,6 +384,29 @@ TEST(Momentum, ZeroAndOne) {
 
 class Fp32LargeMean : public ::testing::TestWithParam<syncbn_layout_t> {};
 
+// One forward_training of fp32 data x through bn (momentum 1: running_var becomes the unbiased
+// batch variance) on a random layer state, with the fp64 reference statistics of x.
+struct Fp32Forward {
+  LayerState<float> st;
+  std::vector<float> y, save_mean, save_invstd;
+  BatchStats ref;
+  std::vector<double> unbiased;  // ref.var * m / (m - 1)
+};
+
+Fp32Forward fp32_forward(syncbn::BatchNorm& bn, const syncbn_config_t& cfg, const Geometry& g,
+                         const std::vector<float>& x, Rng& rng) {
+  const int64_t C = cfg.num_features;
+  Fp32Forward f{LayerState<float>::random(C, rng), std::vector<float>(x.size()),
+                std::vector<float>(C), std::vector<float>(C), {}, {}};
+  bn.forward_training(g.shape(), x.data(), f.st.weight.data(), f.st.bias.data(), f.y.data(),
+                      f.save_mean.data(), f.save_invstd.data(), f.st.running_mean.data(),
+                      f.st.running_var.data(), &f.st.num_batches_tracked);
+  f.ref = batch_stats(gather(g, x.data()), cfg.eps);
+  const double m = static_cast<double>(f.ref.count);
+  for (double v : f.ref.var) f.unbiased.push_back(v * m / (m - 1));
+  return f;
+}
+
 // mean / std = 1e4 with 65536 values per channel: plain fp32 sums (or an fp32 E[x^2] - E[x]^2)
 // lose the variance entirely; fp64 accumulation keeps it to ~1e-8.
 TEST_P(Fp32LargeMean, VarianceIsPrecise) {
@@ -399,16 +422,8 @@ TEST_P(Fp32LargeMean, VarianceIsPrecise) {
   dist.sd[2] = 3.0;
   dist.mu[2] = 3e4;
   const auto x = random_batch<float>(g, rng, dist);
-  auto st = LayerState<float>::random(C, rng);
-  std::vector<float> y(x.size()), save_mean(C), save_invstd(C);
-  bn.forward_training(g.shape(), x.data(), st.weight.data(), st.bias.data(), y.data(),
-                      save_mean.data(), save_invstd.data(), st.running_mean.data(),
-                      st.running_var.data(), &st.num_batches_tracked);
-
-  const BatchStats ref = batch_stats(gather(g, x.data()), cfg.eps);
-  const double m = static_cast<double>(ref.count);
-  std::vector<double> unbiased;
-  for (double v : ref.var) unbiased.push_back(v * m / (m - 1));
+  const Fp32Forward f = fp32_forward(bn, cfg, g, x, rng);
+  const auto& [st, y, save_mean, save_invstd, ref, unbiased] = f;
   EXPECT_TRUE(all_close("running_var (= unbiased batch variance)", st.running_var, unbiased,
                         Tol{1e-5, {}}));
   EXPECT_TRUE(all_close("save_invstd", save_invstd, ref.invstd, Tol{1e-5, {}}));
@@ -437,18 +452,10 @@ TEST_P(Fp32LargeMean, HugeValuesDoNotOverflow) {
   syncbn::BatchNorm bn(syncbn::Communicator::self(), cfg);
   for (const Geometry& g : {make_geometry(layout, 8, C, {16, 16}), make_geometry(layout, 999, C, {})}) {
     const auto x = random_batch<float>(g, rng, ChannelDistribution::constant(C, 1e19, 5e18));
-    auto st = LayerState<float>::random(C, rng);
-    std::vector<float> y(x.size()), save_mean(C), save_invstd(C);
-    bn.forward_training(g.shape(), x.data(), st.weight.data(), st.bias.data(), y.data(),
-                        save_mean.data(), save_invstd.data(), st.running_mean.data(),
-                        st.running_var.data(), &st.num_batches_tracked);
-    const BatchStats ref = batch_stats(gather(g, x.data()), cfg.eps);
-    const double m = static_cast<double>(ref.count);
-    std::vector<double> unbiased;
-    for (double v : ref.var) unbiased.push_back(v * m / (m - 1));
-    EXPECT_TRUE(all_close("running_var", st.running_var, unbiased, Tol{1e-5, {}}));
-    EXPECT_TRUE(all_close("save_invstd", save_invstd, ref.invstd, Tol{1e-5, {}}));
-    EXPECT_TRUE(all_close("save_mean", save_mean, ref.mean, Tol{1e-5, {}}));
+    const Fp32Forward f = fp32_forward(bn, cfg, g, x, rng);
+    EXPECT_TRUE(all_close("running_var", f.st.running_var, f.unbiased, Tol{1e-5, {}}));
+    EXPECT_TRUE(all_close("save_invstd", f.save_invstd, f.ref.invstd, Tol{1e-5, {}}));
+    EXPECT_TRUE(all_close("save_mean", f.save_mean, f.ref.mean, Tol{1e-5, {}}));
   }
 }
 
