@@ -108,7 +108,7 @@ GroupSums<A> place_group_sums(A* room, const double* pu, std::int64_t C,
       target = residue[i] + widest / 2;
     }
   }
-  target = target % p / sizeof(A);  // in elements; room is A-aligned, and so is every residue
+  target = target % p / sizeof(A);  // in whole elements (room is A-aligned)
   const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(room) % p / sizeof(A);
   A* const gu = room + (target + p / sizeof(A) - at) % (p / sizeof(A));
   return {gu, gu + C};
