@@ -91,18 +91,6 @@ struct CudaScenario {
 
 inline void PrintTo(const CudaScenario& sc, std::ostream* os) { *os << sc.name; }
 
-// Skips (on every rank alike: from the world size alone) scenarios whose split does not fit.
-inline bool scenario_fits(const CudaScenario& sc, std::string* why) {
-  const int P = world_size();
-  if (sc.group_size > 1 && (P % sc.group_size != 0 || P == sc.group_size)) {
-    *why = "split(" + std::to_string(sc.group_size) + ") needs a world that is a multiple of " +
-           std::to_string(sc.group_size) + " and larger; this one has " + std::to_string(P) +
-           " rank(s)";
-    return false;
-  }
-  return true;
-}
-
 // `steps` training steps (forward + backward), then one eval step, every output checked on every
 // rank against the fp64 reference of the (already rounded) inputs, with the dtype's tolerances
 // (cuda_helpers.hpp). Collectives are made unconditionally, in the same order on all ranks.
@@ -124,30 +112,12 @@ class CudaScenarioRun {
         dummy_(4) {}
 
   void run() {
-    syncbn_comm_t comm = world_;
     CommHandle sub;
-    if (sc_.group_size) {
-      syncbn_comm_t s = nullptr;
-      EXPECT_EQ(syncbn_comm_split(world_, k_, &s), SYNCBN_SUCCESS)
-          << rank_tag() << ": split(" << k_ << "): " << syncbn_last_error();
-      sub.reset(s);
-      comm = s;
-      int sub_size = -1;
-      syncbn_comm_size(comm, &sub_size);
-      EXPECT_EQ(sub_size, k_) << rank_tag();
-    }
-
-    syncbn_config_t cfg;
-    syncbn_config_init(&cfg, sc_.channels, CudaType<S>::dtype);
-    cfg.device = SYNCBN_DEVICE_CUDA;
-    cfg.layout = layout_;
-    cfg.affine = sc_.affine;
-    cfg.track_running_stats = sc_.track;
-    cfg.momentum = sc_.momentum;
-    cfg.global_param_grads = sc_.global_grads;
-    cfg_ = cfg;
+    const syncbn_comm_t comm = scenario_comm(world_, sc_.group_size, sub);
+    cfg_ = scenario_config(sc_, CudaType<S>::dtype, layout_);
+    cfg_.device = SYNCBN_DEVICE_CUDA;
     syncbn_plan_t p = nullptr;
-    EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
+    EXPECT_EQ(syncbn_plan_create(comm, &cfg_, &p), SYNCBN_SUCCESS)
         << rank_tag() << ": " << syncbn_last_error();
     PlanHandle plan(p);
 

@@ -111,6 +111,49 @@ inline ::testing::AssertionResult message_names(const std::vector<std::string>& 
   return ::testing::AssertionSuccess();
 }
 
+// ---- scenarios (test_mpi_correctness's Scenario, cuda_scenarios.hpp's CudaScenario) ----------
+
+// Whether a scenario that splits the world into groups of group_size (0: no split) fits this
+// world; decided from the world size alone, so alike on every rank. If not, *why says so.
+inline bool split_fits(int group_size, std::string* why) {
+  const int P = world_size();
+  if (group_size > 1 && (P % group_size != 0 || P == group_size)) {
+    *why = "split(" + std::to_string(group_size) + ") needs a world that is a multiple of " +
+           std::to_string(group_size) + " and larger; this one has " + std::to_string(P) +
+           " rank(s)";
+    return false;
+  }
+  return true;
+}
+
+// COLLECTIVE: the communicator a scenario runs on: world itself (group_size 0), or this rank's
+// group of syncbn_comm_split(world, group_size), then owned by sub.
+inline syncbn_comm_t scenario_comm(syncbn_comm_t world, int group_size, CommHandle& sub) {
+  if (group_size == 0) return world;
+  syncbn_comm_t s = nullptr;
+  EXPECT_EQ(syncbn_comm_split(world, group_size, &s), SYNCBN_SUCCESS)
+      << rank_tag() << ": split(" << group_size << "): " << syncbn_last_error();
+  sub.reset(s);
+  int sub_size = -1;
+  syncbn_comm_size(s, &sub_size);
+  EXPECT_EQ(sub_size, group_size) << rank_tag();
+  return s;
+}
+
+// A scenario's layer configuration (Sc: a scenario struct with channels, affine, track, momentum
+// and global_grads) for data type dtype in layout.
+template <class Sc>
+syncbn_config_t scenario_config(const Sc& sc, syncbn_dtype_t dtype, syncbn_layout_t layout) {
+  syncbn_config_t cfg;
+  syncbn_config_init(&cfg, sc.channels, dtype);
+  cfg.layout = layout;
+  cfg.affine = sc.affine;
+  cfg.track_running_stats = sc.track;
+  cfg.momentum = sc.momentum;
+  cfg.global_param_grads = sc.global_grads;
+  return cfg;
+}
+
 }  // namespace syncbn_test
 
 #endif  // SYNCBN_TESTS_MPI_HELPERS_HPP

@@ -73,28 +73,10 @@ class ScenarioRun {
   void run() {
     CommHandle world = world_comm();
     CommHandle sub;
-    syncbn_comm_t comm = world.get();
-    if (sc_.group_size) {
-      syncbn_comm_t s = nullptr;
-      EXPECT_EQ(syncbn_comm_split(world.get(), k_, &s), SYNCBN_SUCCESS)
-          << rank_tag() << ": split(" << k_ << "): " << syncbn_last_error();
-      sub.reset(s);
-      comm = s;
-      int sub_size = -1;
-      syncbn_comm_size(comm, &sub_size);
-      EXPECT_EQ(sub_size, k_) << rank_tag();
-    }
-
-    syncbn_config_t cfg;
-    syncbn_config_init(&cfg, sc_.channels, DtypeOf<T>::value);
-    cfg.layout = layout_;
-    cfg.affine = sc_.affine;
-    cfg.track_running_stats = sc_.track;
-    cfg.momentum = sc_.momentum;
-    cfg.global_param_grads = sc_.global_grads;
-    cfg_ = cfg;
+    const syncbn_comm_t comm = scenario_comm(world.get(), sc_.group_size, sub);
+    cfg_ = scenario_config(sc_, DtypeOf<T>::value, layout_);
     syncbn_plan_t p = nullptr;
-    EXPECT_EQ(syncbn_plan_create(comm, &cfg, &p), SYNCBN_SUCCESS)
+    EXPECT_EQ(syncbn_plan_create(comm, &cfg_, &p), SYNCBN_SUCCESS)
         << rank_tag() << ": " << syncbn_last_error();
     PlanHandle plan(p);
 
@@ -310,10 +292,8 @@ class MpiCorrectness : public ::testing::TestWithParam<Param> {};
 
 TEST_P(MpiCorrectness, MatchesReferenceOverGlobalBatch) {
   const auto& [dtype, layout, sc] = GetParam();
-  const int P = world_size();
-  if (sc.group_size > 1 && (P % sc.group_size != 0 || P == sc.group_size))
-    GTEST_SKIP() << "split(" << sc.group_size << ") needs a world that is a multiple of "
-                 << sc.group_size << " and larger; this one has " << P << " rank(s)";
+  std::string why;
+  if (!split_fits(sc.group_size, &why)) GTEST_SKIP() << why;
   if (dtype == SYNCBN_FLOAT32)
     ScenarioRun<float>(sc, layout).run();
   else
