@@ -272,23 +272,36 @@ TEST_P(Steps, ConsecutiveStepsFollowReference) {
 }
 INSTANTIATE_TEST_SUITE_P(All, Steps, kAllDtypeLayouts, dtype_layout_name);
 
+// A batch's shape apart from the channels: N and the spatial dims.
+struct BatchShape {
+  int64_t n;
+  std::vector<int64_t> spatial;
+};
+
+// For each batch shape in turn, one training step (random dy) and one eval step of one layer of
+// C channels in dtype and layout, every output against the fp64 reference (CheckedLayer).
+void train_and_eval_each(syncbn_dtype_t dtype, syncbn_layout_t layout, int64_t C,
+                         const std::vector<BatchShape>& batches) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Rng rng(test_seed());
+    CheckedLayer<T> layer(make_cfg(C, DtypeOf<T>::value, layout, true, true, 0.1), rng);
+    const auto dist = ChannelDistribution::random(C, rng);
+    for (const BatchShape& b : batches) {
+      const Geometry g = make_geometry(layout, b.n, C, b.spatial);
+      layer.train_step(g, random_batch<T>(g, rng, dist), random_batch<T>(g, rng));
+      if (::testing::Test::HasFatalFailure()) return;
+      layer.eval_step(g, random_batch<T>(g, rng, dist));
+    }
+  });
+}
+
 using OddChannels = std::tuple<syncbn_dtype_t, syncbn_layout_t, int64_t>;
 class OddChannelCounts : public ::testing::TestWithParam<OddChannels> {};
 
 TEST_P(OddChannelCounts, MatchReference) {
   const auto [dtype, layout, C] = GetParam();
-  dispatch(dtype, [&, layout = layout, C = C](auto tag) {
-    using T = decltype(tag);
-    Rng rng(test_seed());
-    CheckedLayer<T> layer(make_cfg(C, DtypeOf<T>::value, layout, true, true, 0.1), rng);
-    const auto dist = ChannelDistribution::random(C, rng);
-    for (const Geometry& g : {make_geometry(layout, 3, C, {5, 3}), make_geometry(layout, 5, C, {}),
-                              make_geometry(layout, 2, C, {3})}) {
-      layer.train_step(g, random_batch<T>(g, rng, dist), random_batch<T>(g, rng));
-      if (HasFatalFailure()) return;
-      layer.eval_step(g, random_batch<T>(g, rng, dist));
-    }
-  });
+  train_and_eval_each(dtype, layout, C, {{3, {5, 3}}, {5, {}}, {2, {3}}});
 }
 INSTANTIATE_TEST_SUITE_P(All, OddChannelCounts,
                          ::testing::Combine(::testing::Values(SYNCBN_FLOAT32, SYNCBN_FLOAT64),
@@ -308,19 +321,7 @@ class LargeCount : public ::testing::TestWithParam<DtypeLayout> {};
 // so that one row is cut into several pieces.
 TEST_P(LargeCount, MultithreadedPartialSumsMatchReference) {
   const auto [dtype, layout] = GetParam();
-  dispatch(dtype, [&, layout = layout](auto tag) {
-    using T = decltype(tag);
-    Rng rng(test_seed());
-    const int64_t C = 3;
-    CheckedLayer<T> layer(make_cfg(C, DtypeOf<T>::value, layout, true, true, 0.1), rng);
-    const auto dist = ChannelDistribution::random(C, rng);
-    for (const Geometry& g :
-         {make_geometry(layout, 4, C, {128, 128}), make_geometry(layout, 1, C, {173, 191})}) {
-      layer.train_step(g, random_batch<T>(g, rng, dist), random_batch<T>(g, rng));
-      if (HasFatalFailure()) return;
-      layer.eval_step(g, random_batch<T>(g, rng, dist));
-    }
-  });
+  train_and_eval_each(dtype, layout, 3, {{4, {128, 128}}, {1, {173, 191}}});
 }
 INSTANTIATE_TEST_SUITE_P(All, LargeCount, kAllDtypeLayouts, dtype_layout_name);
 
@@ -332,18 +333,7 @@ class WideChannels : public ::testing::TestWithParam<DtypeLayout> {};
 // of the 16-row groups.
 TEST_P(WideChannels, MatchReference) {
   const auto [dtype, layout] = GetParam();
-  dispatch(dtype, [&, layout = layout](auto tag) {
-    using T = decltype(tag);
-    Rng rng(test_seed());
-    const int64_t C = 1031;
-    CheckedLayer<T> layer(make_cfg(C, DtypeOf<T>::value, layout, true, true, 0.1), rng);
-    const auto dist = ChannelDistribution::random(C, rng);
-    for (const Geometry& g : {make_geometry(layout, 37, C, {}), make_geometry(layout, 4, C, {3, 3})}) {
-      layer.train_step(g, random_batch<T>(g, rng, dist), random_batch<T>(g, rng));
-      if (HasFatalFailure()) return;
-      layer.eval_step(g, random_batch<T>(g, rng, dist));
-    }
-  });
+  train_and_eval_each(dtype, layout, 1031, {{37, {}}, {4, {3, 3}}});
 }
 INSTANTIATE_TEST_SUITE_P(All, WideChannels, kAllDtypeLayouts, dtype_layout_name);
 
