@@ -228,6 +228,23 @@ const ConfigChange kMismatches[] = {
      "global_param_grads"},
 };
 
+// COLLECTIVE: plan creation with tc's change on the last rank only returns `status` on every
+// rank with a message naming `words`; a good plan on the same communicator then still works.
+void expect_change_on_last_rank_fails(const ConfigChange& tc, syncbn_status_t status,
+                                      const std::vector<std::string>& words) {
+  CommHandle comm = world_comm();
+  syncbn_config_t cfg = default_config();
+  if (world_rank() == world_size() - 1) tc.mutate(cfg);
+  syncbn_plan_t p = nullptr;
+  const syncbn_status_t s = syncbn_plan_create(comm.get(), &cfg, &p);
+  PlanHandle bad(s == SYNCBN_SUCCESS ? p : nullptr);
+  EXPECT_EQ(s, status) << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_TRUE(message_names(words));
+
+  PlanHandle good = make_plan(comm.get(), default_config());
+  expect_plan_still_works(good.get(), Op::kForward);
+}
+
 class ConfigMismatch : public ::testing::TestWithParam<ConfigChange> {};
 
 // The last rank's configuration differs in one field: CONFIG_MISMATCH on every rank.
@@ -235,17 +252,7 @@ TEST_P(ConfigMismatch, FailsEverywhereNamingTheField) {
   const int P = world_size();
   if (P < 2) GTEST_SKIP() << "needs 2 or more ranks";
   const ConfigChange& tc = GetParam();
-  CommHandle comm = world_comm();
-  syncbn_config_t cfg = default_config();
-  if (world_rank() == P - 1) tc.mutate(cfg);
-  syncbn_plan_t p = nullptr;
-  const syncbn_status_t s = syncbn_plan_create(comm.get(), &cfg, &p);
-  PlanHandle bad(s == SYNCBN_SUCCESS ? p : nullptr);
-  EXPECT_EQ(s, SYNCBN_ERROR_CONFIG_MISMATCH) << rank_tag() << ": " << syncbn_last_error();
-  EXPECT_TRUE(message_names({tc.field}));
-
-  PlanHandle good = make_plan(comm.get(), default_config());
-  expect_plan_still_works(good.get(), Op::kForward);
+  expect_change_on_last_rank_fails(tc, SYNCBN_ERROR_CONFIG_MISMATCH, {tc.field});
 }
 INSTANTIATE_TEST_SUITE_P(All, ConfigMismatch, ::testing::ValuesIn(kMismatches),
                          [](const ::testing::TestParamInfo<ConfigChange>& info) {
@@ -277,19 +284,9 @@ class InvalidConfigOnOneRank : public ::testing::TestWithParam<ConfigChange> {};
 
 // The last rank's configuration is invalid: INVALID_ARGUMENT on every rank, naming rank and field.
 TEST_P(InvalidConfigOnOneRank, FailsEverywhereNamingRankAndField) {
-  const int P = world_size();
   const ConfigChange& tc = GetParam();
-  CommHandle comm = world_comm();
-  syncbn_config_t cfg = default_config();
-  if (world_rank() == P - 1) tc.mutate(cfg);
-  syncbn_plan_t p = nullptr;
-  const syncbn_status_t s = syncbn_plan_create(comm.get(), &cfg, &p);
-  PlanHandle bad(s == SYNCBN_SUCCESS ? p : nullptr);
-  EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << rank_tag() << ": " << syncbn_last_error();
-  EXPECT_TRUE(message_names({"rank " + std::to_string(P - 1), tc.field}));
-
-  PlanHandle good = make_plan(comm.get(), default_config());
-  expect_plan_still_works(good.get(), Op::kForward);
+  expect_change_on_last_rank_fails(tc, SYNCBN_ERROR_INVALID_ARGUMENT,
+                                   {"rank " + std::to_string(world_size() - 1), tc.field});
 }
 INSTANTIATE_TEST_SUITE_P(All, InvalidConfigOnOneRank, ::testing::ValuesIn(kInvalidConfigs),
                          [](const ::testing::TestParamInfo<ConfigChange>& info) {
