@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "reference.hpp"
 #include "syncbn/syncbn.h"
 #include "syncbn/syncbn_mpi.h"
 
@@ -144,14 +145,8 @@ inline syncbn_comm_t scenario_comm(syncbn_comm_t world, int group_size, CommHand
 // and global_grads) for data type dtype in layout.
 template <class Sc>
 syncbn_config_t scenario_config(const Sc& sc, syncbn_dtype_t dtype, syncbn_layout_t layout) {
-  syncbn_config_t cfg;
-  syncbn_config_init(&cfg, sc.channels, dtype);
-  cfg.layout = layout;
-  cfg.affine = sc.affine;
-  cfg.track_running_stats = sc.track;
-  cfg.momentum = sc.momentum;
-  cfg.global_param_grads = sc.global_grads;
-  return cfg;
+  return make_cfg(sc.channels, dtype, layout, sc.affine, sc.track, sc.momentum, 1e-5,
+                  sc.global_grads);
 }
 
 }  // namespace syncbn_test

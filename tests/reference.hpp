@@ -524,6 +524,22 @@ template <class T>
   return ::testing::AssertionFailure() << os.str();
 }
 
+// A layer configuration: C channels of dtype in layout with the given options; the rest at
+// syncbn_config_init's defaults (CPU).
+inline syncbn_config_t make_cfg(int64_t C, syncbn_dtype_t dtype, syncbn_layout_t layout,
+                                bool affine, bool track, double momentum, double eps = 1e-5,
+                                bool global_grads = false) {
+  syncbn_config_t cfg;
+  EXPECT_EQ(syncbn_config_init(&cfg, C, dtype), SYNCBN_SUCCESS) << syncbn_last_error();
+  cfg.layout = layout;
+  cfg.affine = affine;
+  cfg.track_running_stats = track;
+  cfg.momentum = momentum;
+  cfg.eps = eps;
+  cfg.global_param_grads = global_grads;
+  return cfg;
+}
+
 }  // namespace syncbn_test
 
 // gtest prints statuses by name (found by ADL: the enum lives in the global namespace).

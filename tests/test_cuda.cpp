@@ -37,14 +37,8 @@ constexpr double kCumulative = SYNCBN_MOMENTUM_CUMULATIVE;
 syncbn_config_t cuda_config(int64_t C, syncbn_dtype_t dtype, syncbn_layout_t layout,
                             bool affine = true, bool track = true, double momentum = 0.1,
                             double eps = 1e-5, bool global_grads = false) {
-  syncbn_config_t cfg = syncbn::make_config(C, dtype);
+  syncbn_config_t cfg = make_cfg(C, dtype, layout, affine, track, momentum, eps, global_grads);
   cfg.device = SYNCBN_DEVICE_CUDA;
-  cfg.layout = layout;
-  cfg.affine = affine;
-  cfg.track_running_stats = track;
-  cfg.momentum = momentum;
-  cfg.eps = eps;
-  cfg.global_param_grads = global_grads;
   return cfg;
 }
 

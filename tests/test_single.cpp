@@ -159,16 +159,6 @@ class CheckedLayer {
   std::vector<T> nan_, unused_mean_, unused_var_;
 };
 
-syncbn_config_t make_cfg(int64_t C, syncbn_dtype_t dtype, syncbn_layout_t layout, bool affine,
-                         bool track, double momentum, double eps = 1e-5) {
-  syncbn_config_t cfg = syncbn::make_config(C, dtype);
-  cfg.layout = layout;
-  cfg.affine = affine;
-  cfg.track_running_stats = track;
-  cfg.momentum = momentum;
-  cfg.eps = eps;
-  return cfg;
-}
 
 std::vector<int64_t> spatial_of_rank(int spatial_dims) {
   switch (spatial_dims) {
