@@ -213,8 +213,10 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
   const std::size_t stride = sums_stride(C), gstride = groups_stride<A>(C);
   // Within reserve_workspace's capacity unless the thread count grew.
   ws.sums.assign(static_cast<std::size_t>(nt) * stride, 0.0);
+  // The group sums need no zeroing here: reduce_rows zeroes them at the start of every group.
   std::vector<A>& groups = group_storage<A>(ws);
-  if (g.inner == 1) groups.assign(static_cast<std::size_t>(nt) * gstride, A(0));
+  const std::size_t gsize = static_cast<std::size_t>(nt) * gstride;
+  if (g.inner == 1 && groups.size() < gsize) groups.resize(gsize);
   double* const partials = ws.sums.data();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
