@@ -273,7 +273,8 @@ class CudaScenarioRun {
     }
   }
 
-  // Eval: running statistics (local) when tracked, else the group's batch statistics.
+  // Eval, local either way: running statistics when tracked, else this rank's own batch
+  // statistics; an empty local batch is a success with nothing to write.
   void eval_step(syncbn_plan_t plan) {
     draw(sc_.steps, false);
     SCOPED_TRACE("local batch " + g_.str());
@@ -282,8 +283,8 @@ class CudaScenarioRun {
     if (sc_.track) {
       mean = to_double(before.running_mean);
       invstd = eval_invstd(before.running_var, cfg_.eps);
-    } else {
-      const BatchStats stats = batch_stats(X_, cfg_.eps);
+    } else if (!x_.empty()) {
+      const BatchStats stats = batch_stats(gather(g_, x_.data()), cfg_.eps);
       mean = stats.mean;
       invstd = stats.invstd;
     }

@@ -93,12 +93,64 @@ struct PlanDeleter {
 using CommHandle = std::unique_ptr<syncbn_comm_s, CommDeleter>;
 using PlanHandle = std::unique_ptr<syncbn_plan_s, PlanDeleter>;
 
+// ---- a custom communicator over MPI (syncbn_comm_create_custom) ------------------------------
+
+// The caller's side of a custom communicator: an MPI communicator of its own (a duplicate, freed
+// on release), MPI_Allreduce as the allreduce, MPI_Comm_split as the split.
+struct MpiCallbacks {
+  MPI_Comm comm = MPI_COMM_NULL;
+
+  static int allreduce(double* buffer, size_t count, syncbn_device_t device, void*, void* self) {
+    if (device != SYNCBN_DEVICE_CPU) return 2;  // these tests run CPU plans only
+    return MPI_Allreduce(MPI_IN_PLACE, buffer, static_cast<int>(count), MPI_DOUBLE, MPI_SUM,
+                         static_cast<MpiCallbacks*>(self)->comm);
+  }
+  static int split(int group_size, void* self, syncbn_comm_t* sub) {
+    MPI_Comm parent = static_cast<MpiCallbacks*>(self)->comm;
+    int rank = 0;
+    MPI_Comm_rank(parent, &rank);
+    MPI_Comm group = MPI_COMM_NULL;
+    if (const int e = MPI_Comm_split(parent, rank / group_size, rank, &group)) return e;
+    return create(group, sub) == SYNCBN_SUCCESS ? 0 : 3;
+  }
+  static void release(void* self) {
+    auto* cb = static_cast<MpiCallbacks*>(self);
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&cb->comm);
+    delete cb;
+  }
+  // Takes ownership of comm.
+  static syncbn_status_t create(MPI_Comm comm, syncbn_comm_t* out) {
+    auto* cb = new MpiCallbacks{comm};
+    int rank = 0, size = 0;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    const syncbn_status_t s =
+        syncbn_comm_create_custom(rank, size, &allreduce, &split, &release, cb, out);
+    if (s != SYNCBN_SUCCESS) release(cb);
+    return s;
+  }
+};
+
+// How a test reaches MPI: syncbn's MPI communicator, or a custom one whose callbacks call MPI.
+enum class CommKind { mpi, custom };
+inline const char* comm_kind_name(CommKind k) { return k == CommKind::mpi ? "mpi" : "custom"; }
+
 // COLLECTIVE: a library communicator over MPI_COMM_WORLD (null, with a failed expectation, if
 // the library refuses).
-inline CommHandle world_comm() {
+inline CommHandle world_comm(CommKind kind = CommKind::mpi) {
   syncbn_comm_t c = nullptr;
-  const syncbn_status_t s = syncbn_comm_create_mpi(MPI_COMM_WORLD, &c);
-  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": syncbn_comm_create_mpi: " << syncbn_last_error();
+  syncbn_status_t s = SYNCBN_SUCCESS;
+  if (kind == CommKind::mpi) {
+    s = syncbn_comm_create_mpi(MPI_COMM_WORLD, &c);
+  } else {
+    MPI_Comm dup = MPI_COMM_NULL;
+    MPI_Comm_dup(MPI_COMM_WORLD, &dup);
+    s = MpiCallbacks::create(dup, &c);
+  }
+  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": " << comm_kind_name(kind)
+                               << " communicator: " << syncbn_last_error();
   return CommHandle(s == SYNCBN_SUCCESS ? c : nullptr);
 }
 

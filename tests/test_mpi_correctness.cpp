@@ -61,9 +61,10 @@ void PrintTo(const Scenario& sc, std::ostream* os) { *os << sc.name; }
 template <class T>
 class ScenarioRun {
  public:
-  ScenarioRun(const Scenario& sc, syncbn_layout_t layout)
+  ScenarioRun(const Scenario& sc, syncbn_layout_t layout, CommKind kind)
       : sc_(sc),
         layout_(layout),
+        kind_(kind),
         P_(world_size()),
         rank_(world_rank()),
         k_(sc.group_size ? sc.group_size : P_),
@@ -71,7 +72,7 @@ class ScenarioRun {
         rng_(test_seed()) {}
 
   void run() {
-    CommHandle world = world_comm();
+    CommHandle world = world_comm(kind_);
     CommHandle sub;
     const syncbn_comm_t comm = scenario_comm(world.get(), sc_.group_size, sub);
     cfg_ = scenario_config(sc_, DtypeOf<T>::value, layout_);
@@ -209,7 +210,9 @@ class ScenarioRun {
     }
   }
 
-  // Eval: running statistics (local) when tracked, else the group's batch statistics.
+  // Eval, local either way: running statistics when tracked, else this rank's own batch
+  // statistics (as torch's BatchNorm and SyncBatchNorm in eval mode); an empty local batch is
+  // a success with nothing to write.
   void eval_step(syncbn_plan_t plan) {
     draw(sc_.steps, false);
     SCOPED_TRACE("local batch " + g_.str());
@@ -217,8 +220,8 @@ class ScenarioRun {
     if (sc_.track) {
       mean = to_double(st_.running_mean);
       invstd = eval_invstd(st_.running_var, cfg_.eps);
-    } else {
-      const BatchStats stats = batch_stats(X_, cfg_.eps);
+    } else if (!x_.empty()) {
+      const BatchStats stats = batch_stats(gather(g_, x_.data()), cfg_.eps);
       mean = stats.mean;
       invstd = stats.invstd;
     }
@@ -236,6 +239,7 @@ class ScenarioRun {
 
   Scenario sc_;
   syncbn_layout_t layout_;
+  CommKind kind_;
   int P_, rank_, k_;
   TestGroup group_;
   Rng rng_;
@@ -286,28 +290,32 @@ const Scenario kScenarios[] = {
      false, 1, 3, 1e4, 1e-5},
 };
 
-using Param = std::tuple<syncbn_dtype_t, syncbn_layout_t, Scenario>;
+// Every scenario over syncbn's MPI communicator and over a custom communicator whose callbacks
+// call MPI (syncbn_comm_create_custom, with a split function): the same numbers either way.
+using Param = std::tuple<syncbn_dtype_t, syncbn_layout_t, Scenario, CommKind>;
 
 class MpiCorrectness : public ::testing::TestWithParam<Param> {};
 
 TEST_P(MpiCorrectness, MatchesReferenceOverGlobalBatch) {
-  const auto& [dtype, layout, sc] = GetParam();
+  const auto& [dtype, layout, sc, kind] = GetParam();
   std::string why;
   if (!split_fits(sc.group_size, &why)) GTEST_SKIP() << why;
   if (dtype == SYNCBN_FLOAT32)
-    ScenarioRun<float>(sc, layout).run();
+    ScenarioRun<float>(sc, layout, kind).run();
   else
-    ScenarioRun<double>(sc, layout).run();
+    ScenarioRun<double>(sc, layout, kind).run();
 }
 
 INSTANTIATE_TEST_SUITE_P(
     All, MpiCorrectness,
     ::testing::Combine(::testing::Values(SYNCBN_FLOAT32, SYNCBN_FLOAT64),
                        ::testing::Values(SYNCBN_CHANNELS_FIRST, SYNCBN_CHANNELS_LAST),
-                       ::testing::ValuesIn(kScenarios)),
+                       ::testing::ValuesIn(kScenarios),
+                       ::testing::Values(CommKind::mpi, CommKind::custom)),
     [](const ::testing::TestParamInfo<Param>& info) {
       return std::string(std::get<2>(info.param).name) + "_" +
-             dtype_name(std::get<0>(info.param)) + "_" + layout_name(std::get<1>(info.param));
+             dtype_name(std::get<0>(info.param)) + "_" + layout_name(std::get<1>(info.param)) +
+             "_" + comm_kind_name(std::get<3>(info.param));
     });
 
 // The C++ API over MPI: mpi_communicator, split, rank and size.

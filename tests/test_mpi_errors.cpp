@@ -52,14 +52,16 @@ CallBuffers rank_buffers() { return CallBuffers(2 + world_rank(), kC, 4, test_se
 
 // COLLECTIVE: a correct call of op on every rank succeeds, after whatever failed before: nobody
 // is stuck and the call sequences are still aligned. Forward also updates the running
-// statistics identically everywhere.
+// statistics identically everywhere (when the plan tracks them).
 void expect_plan_still_works(syncbn_plan_t plan, Op op) {
   CallBuffers buf = rank_buffers();
   const int64_t nbt = buf.st.num_batches_tracked;
   const syncbn_status_t s = call(op, buf.args(plan));
   EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": a correct " << op_name(op)
                                << " after the failure: " << syncbn_last_error();
-  if (op == Op::kForward) {
+  syncbn_config_t cfg{};
+  syncbn_plan_get_config(plan, &cfg);
+  if (op == Op::kForward && cfg.track_running_stats) {
     EXPECT_EQ(buf.st.num_batches_tracked, nbt + 1) << rank_tag();
     EXPECT_TRUE(same_as_rank0("running_mean", buf.st.running_mean, MPI_COMM_WORLD)) << rank_tag();
     EXPECT_TRUE(same_as_rank0("running_var", buf.st.running_var, MPI_COMM_WORLD)) << rank_tag();
@@ -110,11 +112,6 @@ const BadArg kBadArgs[] = {
      "save_invstd"},
     {"bwd_wrong_C", Op::kBackward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
     {"bwd_stream", Op::kBackward, [](CallArgs& a) { a.stream = kBogusStream; }, "stream"},
-    // Eval without running statistics is collective (batch statistics of the group).
-    {"eval_notrack_weight_null", Op::kInference, [](CallArgs& a) { a.weight = nullptr; },
-     "weight"},
-    {"eval_notrack_y_null", Op::kInference, [](CallArgs& a) { a.y = nullptr; }, "y"},
-    {"eval_notrack_wrong_C", Op::kInference, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
 };
 
 void PrintTo(const BadArg& b, std::ostream* os) { *os << b.name; }
@@ -130,7 +127,7 @@ TEST_P(BadArgOnOneRank, FailsEverywhereNamingRankAndArgument) {
   const int P = world_size(), rank = world_rank();
   const int bad = which == Which::kFirst ? 0 : P - 1;
   CommHandle comm = world_comm();
-  PlanHandle plan = make_plan(comm.get(), default_config(tc.op != Op::kInference));
+  PlanHandle plan = make_plan(comm.get(), default_config());
 
   CallBuffers buf = rank_buffers();
   const CallBuffers before = buf;
@@ -174,21 +171,106 @@ TEST(BadArgs, OnEveryRank) {
   expect_plan_still_works(plan.get(), Op::kForward);
 }
 
-// Eval with running statistics is local: a bad argument fails that rank only.
-TEST(BadArgs, EvalWithTrackingIsLocal) {
+// Eval is local with and without running statistics: a bad argument fails that rank only.
+TEST(BadArgs, EvalIsLocal) {
   const int P = world_size();
   CommHandle comm = world_comm();
-  PlanHandle plan = make_plan(comm.get(), default_config(true));
-  CallBuffers buf = rank_buffers();
-  CallArgs args = buf.args(plan.get());
-  const bool bad = world_rank() == P - 1;
-  if (bad) args.running_var = nullptr;
-  EXPECT_EQ(call(Op::kInference, args),
-            bad ? SYNCBN_ERROR_INVALID_ARGUMENT : SYNCBN_SUCCESS)
-      << rank_tag() << ": " << syncbn_last_error();
-  if (bad) {
-    EXPECT_TRUE(message_names({"running_var"}));
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "not tracking");
+    PlanHandle plan = make_plan(comm.get(), default_config(track));
+    CallBuffers buf = rank_buffers();
+    const CallBuffers before = buf;
+    CallArgs args = buf.args(plan.get());
+    const bool bad = world_rank() == P - 1;
+    if (bad) (track ? args.running_var : args.y) = nullptr;
+    EXPECT_EQ(call(Op::kInference, args), bad ? SYNCBN_ERROR_INVALID_ARGUMENT : SYNCBN_SUCCESS)
+        << rank_tag() << ": " << syncbn_last_error();
+    if (bad) {
+      EXPECT_TRUE(message_names({"rank " + std::to_string(P - 1), track ? "running_var" : "y"}));
+      EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+    }
+    expect_plan_still_works(plan.get(), Op::kForward);
   }
+}
+
+// One rank evaluates alone, a few times, between two training calls of the group: nothing waits,
+// and the plan's call sequence stays in step (the next collective call succeeds everywhere).
+TEST(BadArgs, EvalOnOneRankAloneKeepsTheSequence) {
+  CommHandle comm = world_comm();
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "not tracking");
+    PlanHandle plan = make_plan(comm.get(), default_config(track));
+    expect_plan_still_works(plan.get(), Op::kForward);
+    if (world_rank() == 0) {
+      for (int i = 0; i < 3; ++i) {
+        CallBuffers buf = rank_buffers();
+        EXPECT_EQ(call(Op::kInference, buf.args(plan.get())), SYNCBN_SUCCESS)
+            << rank_tag() << ": " << syncbn_last_error();
+      }
+    }
+    expect_plan_still_works(plan.get(), Op::kForward);
+    expect_plan_still_works(plan.get(), Op::kBackward);
+  }
+}
+
+// A binding that found an argument wrong which the C API cannot see (a tensor's dtype or
+// device) rejects the call on that rank: every rank fails it alike, naming the rank, the
+// argument and the problem, and only that rank's message carries its detail. Nothing changes;
+// the sequence stays in step. Forward inference is local: only the rejecting rank fails.
+struct Rejection {
+  Op op;
+  syncbn_call_t call;
+  const char* argument;
+  syncbn_problem_t problem;
+  const char* words;  // what every rank's message must say
+};
+const Rejection kRejections[] = {
+    {Op::kForward, SYNCBN_CALL_FORWARD_TRAINING, "x", SYNCBN_PROBLEM_DTYPE, "x is not of the plan's dtype"},
+    {Op::kForward, SYNCBN_CALL_FORWARD_TRAINING, "weight", SYNCBN_PROBLEM_DEVICE,
+     "weight is not in the memory of the plan's device"},
+    {Op::kBackward, SYNCBN_CALL_BACKWARD, "dy", SYNCBN_PROBLEM_SHAPE, "dy has a shape other than"},
+    {Op::kBackward, SYNCBN_CALL_BACKWARD, "no such name", SYNCBN_PROBLEM_LAYOUT,
+     "an argument is not dense in the plan's layout"},
+    {Op::kForward, SYNCBN_CALL_FORWARD_TRAINING, "x", static_cast<syncbn_problem_t>(99),
+     "x was rejected by the caller"},
+};
+
+TEST(BadArgs, RejectedCallFailsEverywhere) {
+  const int P = world_size(), rank = world_rank();
+  CommHandle comm = world_comm();
+  PlanHandle plan = make_plan(comm.get(), default_config());
+  for (const Rejection& r : kRejections) {
+    for (const int bad : {0, P - 1}) {
+      SCOPED_TRACE(std::string(op_name(r.op)) + " " + r.words + ", bad rank " + std::to_string(bad));
+      CallBuffers buf = rank_buffers();
+      const CallBuffers before = buf;
+      const syncbn_status_t s =
+          rank == bad ? syncbn_plan_reject_call(plan.get(), r.call, r.argument, r.problem,
+                                                "detail of the bad rank", nullptr)
+                      : call(r.op, buf.args(plan.get()));
+      EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << rank_tag() << ": " << syncbn_last_error();
+      EXPECT_TRUE(message_names({"rank " + std::to_string(bad), r.words}));
+      const bool has_detail = std::string(syncbn_last_error()).find("detail of the bad rank") !=
+                              std::string::npos;
+      EXPECT_EQ(has_detail, rank == bad) << rank_tag() << ": " << syncbn_last_error();
+      EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
+      expect_plan_still_works(plan.get(), r.op);
+    }
+  }
+  // Inference is local: only the rejecting rank fails, and nobody waits.
+  if (rank == P - 1) {
+    EXPECT_EQ(syncbn_plan_reject_call(plan.get(), SYNCBN_CALL_FORWARD_INFERENCE, "x",
+                                      SYNCBN_PROBLEM_DTYPE, nullptr, nullptr),
+              SYNCBN_ERROR_INVALID_ARGUMENT);
+    EXPECT_TRUE(message_names({"rank " + std::to_string(P - 1), "x is not of the plan's dtype"}));
+  }
+  EXPECT_EQ(syncbn_plan_reject_call(plan.get(), static_cast<syncbn_call_t>(0), "x",
+                                    SYNCBN_PROBLEM_DTYPE, nullptr, nullptr),
+            SYNCBN_ERROR_INVALID_ARGUMENT);  // not a call: local, at once
+  EXPECT_TRUE(message_names({"call is not a syncbn_call_t"}));
+  EXPECT_EQ(syncbn_plan_reject_call(nullptr, SYNCBN_CALL_FORWARD_TRAINING, "x",
+                                    SYNCBN_PROBLEM_DTYPE, nullptr, nullptr),
+            SYNCBN_ERROR_INVALID_ARGUMENT);
   expect_plan_still_works(plan.get(), Op::kForward);
 }
 
@@ -295,7 +377,8 @@ INSTANTIATE_TEST_SUITE_P(All, InvalidConfigOnOneRank, ::testing::ValuesIn(kInval
 
 // ---- global batch too small -----------------------------------------------------------------
 
-// Every rank has N = 0: m == 0 for forward, backward and collective eval.
+// Every rank has N = 0: m == 0 for forward and backward; eval without tracking is local and
+// has nothing to normalize, a success that writes nothing.
 TEST(BatchTooSmall, GlobalCountZero) {
   CommHandle comm = world_comm();
   PlanHandle plan = make_plan(comm.get(), default_config(true));
@@ -309,8 +392,8 @@ TEST(BatchTooSmall, GlobalCountZero) {
   }
   EXPECT_EQ(call(Op::kForward, buf.args(notrack.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
       << rank_tag() << ", forward without tracking";
-  EXPECT_EQ(call(Op::kInference, buf.args(notrack.get())), SYNCBN_ERROR_BATCH_TOO_SMALL)
-      << rank_tag() << ", eval without tracking";
+  EXPECT_EQ(call(Op::kInference, buf.args(notrack.get())), SYNCBN_SUCCESS)
+      << rank_tag() << ", eval without tracking: " << syncbn_last_error();
   EXPECT_TRUE(buf.unchanged_since(before)) << rank_tag();
   expect_plan_still_works(plan.get(), Op::kForward);
 }
@@ -404,10 +487,10 @@ TEST(Split, ErrorStaysInItsGroup) {
 
 // Rank 1 makes another call than its peers. A parameterized suite, so that it runs after the
 // plain TESTs and the suites above (a library that hangs here loses no other result). After the
-// mismatch the test stops using its plans.
+// mismatch the test stops using its plans. (A rank in eval mode while its peers train makes no
+// collective at all, so it is not a mismatch this check can see: its peers wait.)
 enum class Divergence {
   kForwardMeetsBackward,      // rank 1 skips a forward and goes straight to backward
-  kTrainingMeetsEval,         // no tracking: eval is collective; rank 1 is in eval mode
   kAnotherPlanSameConfig,     // rank 1 calls another layer's forward (same configuration)
   kAnotherPlanOtherEps,       // ... a layer that differs in eps only (same buffer size)
   kAnotherPlanAfterGoodStep,  // after one good step: rank 1 calls B's first, peers A's second
@@ -422,7 +505,7 @@ TEST_P(CallMismatch, FailsEveryRankThatTookPart) {
   const Divergence d = GetParam();
   const bool odd_one = world_rank() == 1;
   CommHandle comm = world_comm();
-  syncbn_config_t cfg_a = default_config(d != Divergence::kTrainingMeetsEval);
+  syncbn_config_t cfg_a = default_config();
   syncbn_config_t cfg_b = cfg_a;
   if (d == Divergence::kAnotherPlanOtherEps) cfg_b.eps = 1e-3;
   PlanHandle a = make_plan(comm.get(), cfg_a);
@@ -434,9 +517,6 @@ TEST_P(CallMismatch, FailsEveryRankThatTookPart) {
   switch (d) {
     case Divergence::kForwardMeetsBackward:
       if (odd_one) op = Op::kBackward;
-      break;
-    case Divergence::kTrainingMeetsEval:
-      if (odd_one) op = Op::kInference;
       break;
     default:
       if (odd_one) plan = b.get();
@@ -451,14 +531,12 @@ TEST_P(CallMismatch, FailsEveryRankThatTookPart) {
 
 INSTANTIATE_TEST_SUITE_P(All, CallMismatch,
                          ::testing::Values(Divergence::kForwardMeetsBackward,
-                                           Divergence::kTrainingMeetsEval,
                                            Divergence::kAnotherPlanSameConfig,
                                            Divergence::kAnotherPlanOtherEps,
                                            Divergence::kAnotherPlanAfterGoodStep),
                          [](const ::testing::TestParamInfo<Divergence>& info) {
                            switch (info.param) {
                              case Divergence::kForwardMeetsBackward: return "ForwardMeetsBackward";
-                             case Divergence::kTrainingMeetsEval: return "TrainingMeetsEval";
                              case Divergence::kAnotherPlanSameConfig: return "AnotherPlanSameConfig";
                              case Divergence::kAnotherPlanOtherEps: return "AnotherPlanOtherEps";
                              case Divergence::kAnotherPlanAfterGoodStep:

@@ -73,7 +73,9 @@
  *     dbias), so a failure cannot pass as data;
  *   - over the self communicator nothing is exchanged; over MPI the packed buffer goes through
  *     pinned host memory (or straight to MPI when Open MPI is CUDA-aware), the call synchronizes
- *     stream once, and every error is returned by the call itself, as on the CPU.
+ *     stream once, and every error is returned by the call itself, as on the CPU;
+ *   - over a custom communicator (syncbn_comm_create_custom) the caller's allreduce gets the
+ *     device buffer and the stream, and verdicts are reached on the device as over NCCL.
  * Arguments a rank can check itself (null pointers, shapes, the current device) are returned by
  * the call on that rank in every case; it still enqueues its part of the allreduce, carrying the
  * failure, so that no peer waits forever. The call sequence number that guards against skipped
@@ -90,6 +92,7 @@
 #define SYNCBN_SYNCBN_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(_WIN32) && defined(SYNCBN_BUILDING)
@@ -107,7 +110,7 @@ extern "C" {
 #endif
 
 #define SYNCBN_VERSION_MAJOR 0
-#define SYNCBN_VERSION_MINOR 1
+#define SYNCBN_VERSION_MINOR 2
 #define SYNCBN_VERSION_PATCH 0
 
 /* Status codes. Every call returns one; syncbn_last_error() gives the detail. */
@@ -192,11 +195,65 @@ SYNCBN_API syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t n
    plain batch norm. */
 SYNCBN_API syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm);
 
+/* A caller-supplied allreduce for syncbn_comm_create_custom: sums count doubles in place over
+   the group, with the same result on every rank, as MPI_Allreduce(MPI_IN_PLACE, buffer, count,
+   MPI_DOUBLE, MPI_SUM, ...) would.
+     buffer  count doubles. device SYNCBN_DEVICE_CPU: host memory, and stream is NULL (plan
+             creation, syncbn_comm_split, and every call of a CPU plan). SYNCBN_DEVICE_CUDA: device
+             memory of the current CUDA device, and stream is the cudaStream_t of the syncbn
+             call (NULL: the legacy default stream); the sum must happen in stream order, either
+             enqueued on stream (as ncclAllReduce does) or done before returning after
+             synchronizing stream (calls of a CUDA plan).
+     count   2C + 18 for forward and backward calls of a plan of C channels, fewer for plan
+             creation and split (guard slots only)
+     user_data  the pointer given to syncbn_comm_create_custom
+   Returns 0 on success. Any other value fails the syncbn call on this rank with
+   SYNCBN_ERROR_COMM, the value in the message. syncbn calls it from the thread that made the
+   syncbn call, once per collective, in the same order on every rank; it must not call syncbn
+   functions on the same communicator. What the other ranks see when it fails is up to the
+   transport: a callback that returns an error without taking part in the sum leaves its peers
+   waiting in theirs, so a transport that fails should fail on every rank. */
+typedef int (*syncbn_allreduce_fn)(double* buffer, size_t count, syncbn_device_t device,
+                                   void* stream, void* user_data);
+
+/* Optional split for syncbn_comm_create_custom. Called by syncbn_comm_split on every rank of the
+   parent once group_size is validated (>= 1, divides the size, the same on every rank). Must
+   store in *sub this rank's communicator of the consecutive group of group_size ranks that
+   contains it (rank parent_rank % group_size, size group_size), typically made with
+   syncbn_comm_create_custom; syncbn takes ownership of that handle. Returns 0 on success, any
+   other value for failure (SYNCBN_ERROR_COMM). */
+typedef int (*syncbn_split_fn)(int group_size, void* user_data, syncbn_comm_t* sub);
+
+/* Optional release for syncbn_comm_create_custom: called once, with user_data, when the
+   communicator's handle and every plan and subgroup made on it have been destroyed. */
+typedef void (*syncbn_release_fn)(void* user_data);
+
+/* A communicator over any collective library (torch.distributed, Gloo, oneCCL, UCC, Horovod,
+   a thread pool): the caller supplies the group's rank and size and an allreduce. Not
+   collective, no communication. Everything else is as over MPI: every call makes one allreduce
+   of [guard slots | data], carrying the verdicts, the configuration check at plan creation and
+   the call fingerprints. split may be NULL: syncbn_comm_split then fails with
+   SYNCBN_ERROR_NOT_SUPPORTED on every rank. release may be NULL. user_data must stay valid until
+   release is called (or, without release, until the communicator and everything made on it is
+   destroyed). CUDA plans on a custom communicator hand allreduce the device buffer and the
+   stream and never synchronize the host (verdicts as over NCCL: syncbn_plan_get_async_error).
+   Errors: SYNCBN_ERROR_INVALID_ARGUMENT (comm or allreduce NULL, size < 1, rank outside
+   [0, size)); release is not called then. */
+SYNCBN_API syncbn_status_t syncbn_comm_create_custom(int rank, int size,
+                                                     syncbn_allreduce_fn allreduce,
+                                                     syncbn_split_fn split,
+                                                     syncbn_release_fn release, void* user_data,
+                                                     syncbn_comm_t* comm);
+
 /* COLLECTIVE over parent (a NULL parent fails locally and its peers wait). Splits parent into
    consecutive groups of group_size ranks
    (ranks [0, k), [k, 2k), ...); *sub is this rank's group. Statistics of plans on *sub are
    shared within the group only. group_size must be >= 1, divide parent's size, and be the same
-   on every rank (else SYNCBN_ERROR_INVALID_ARGUMENT on every rank). */
+   on every rank (else SYNCBN_ERROR_INVALID_ARGUMENT on every rank). MPI communicators split with
+   MPI_Comm_split, NCCL ones with ncclCommSplit, custom ones with their split function. Two
+   allreduces over parent: one validates group_size, one agrees on the outcome of the split, so
+   a rank whose backend fails to split makes every rank fail (SYNCBN_ERROR_COMM, or
+   SYNCBN_ERROR_NOT_SUPPORTED for a custom communicator without a split function). */
 SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size,
                                              syncbn_comm_t* sub);
 
@@ -265,15 +322,18 @@ SYNCBN_API syncbn_status_t syncbn_forward_training(
     const void* bias, void* y, void* save_mean, void* save_invstd, void* running_mean,
     void* running_var, int64_t* num_batches_tracked, void* stream);
 
-/* Forward in evaluation mode:
-   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
-   With track_running_stats on: local, no communication. x, y (unless the tensor is empty),
-   running_mean, running_var and, when affine, weight and bias are required; a bad argument is
-   SYNCBN_ERROR_INVALID_ARGUMENT on this rank only (no peer waits). The plan's call sequence
-   does not advance.
-   With track_running_stats off there are no running statistics, and this is
-   syncbn_forward_training without saved statistics: COLLECTIVE, batch statistics of the group
-   (PyTorch's behaviour), running_mean / running_var ignored, errors as there. */
+/* Forward in evaluation mode. Never collective: no communication, and a bad argument is
+   SYNCBN_ERROR_INVALID_ARGUMENT on this rank only (no peer waits). The plan's call sequence does
+   not advance, so one rank may evaluate alone between training calls.
+   With track_running_stats on:
+     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+   x, y (unless the tensor is empty), running_mean, running_var and, when affine, weight and
+   bias are required.
+   With track_running_stats off there are no running statistics: y is normalized with this
+   rank's OWN batch statistics (mean and biased variance of x over its N * S values per
+   channel), as torch.nn.BatchNorm and torch.nn.SyncBatchNorm do in eval mode; running_mean and
+   running_var are ignored. An empty local tensor is a success with nothing to write. (Before
+   version 0.2 this case used the group's batch statistics and was collective.) */
 SYNCBN_API syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim,
                                                     const int64_t* shape, const void* x,
                                                     const void* weight, const void* bias,
@@ -297,6 +357,43 @@ SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const i
                                            const void* x, const void* dy, const void* weight,
                                            const void* save_mean, const void* save_invstd,
                                            void* dx, void* dweight, void* dbias, void* stream);
+
+/* ---- Arguments the caller rejects ----------------------------------------------------------- */
+
+/* The calls of a plan, for syncbn_plan_reject_call. */
+typedef enum syncbn_call {
+  SYNCBN_CALL_FORWARD_TRAINING = 1,
+  SYNCBN_CALL_FORWARD_INFERENCE = 2,
+  SYNCBN_CALL_BACKWARD = 3
+} syncbn_call_t;
+
+/* What a caller found wrong with an argument that the C API, seeing only pointers, cannot check
+   itself: a framework binding knows each tensor's dtype, device, strides and shape. */
+typedef enum syncbn_problem {
+  SYNCBN_PROBLEM_DTYPE = 1,   /* not of the plan's dtype (data) or parameter type */
+  SYNCBN_PROBLEM_DEVICE = 2,  /* not in the memory of the plan's device */
+  SYNCBN_PROBLEM_LAYOUT = 3,  /* not dense in the plan's layout */
+  SYNCBN_PROBLEM_SHAPE = 4    /* a shape other than the call's (dy unlike x, C params unlike C) */
+} syncbn_problem_t;
+
+/* COLLECTIVE where the call it stands for is (forward training, backward; forward inference is
+   local). Takes this rank's part in that call as a rank that rejected its arguments, so that
+   every rank of the group fails the call alike instead of waiting for this one: every rank
+   returns SYNCBN_ERROR_INVALID_ARGUMENT with "rank R: <argument> <problem>", this rank with
+   detail appended. Nothing is read or written but the plan's own state; the call sequence
+   advances as the call would have advanced it.
+     call      the call this rank was about to make
+     argument  the C API's name of the argument ("x", "dy", "weight", "bias", "running_mean",
+               "running_var", "num_batches_tracked", "save_mean", "save_invstd", "y", "dx",
+               "dweight", "dbias"); NULL or another name is reported as "an argument"
+     problem   what is wrong (another value is reported as "rejected by the caller")
+     detail    text for this rank's message only (may be NULL), e.g. "float64, plan float32"
+     stream    as for the call: NULL for CPU plans, the cudaStream_t for CUDA plans
+   Returns that error (never SYNCBN_SUCCESS), or SYNCBN_ERROR_INVALID_ARGUMENT at once, on
+   this rank only, for a NULL plan or a call that is not a syncbn_call_t. */
+SYNCBN_API syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,
+                                                   const char* argument, syncbn_problem_t problem,
+                                                   const char* detail, void* stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

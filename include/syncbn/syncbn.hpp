@@ -4,7 +4,9 @@
 #ifndef SYNCBN_SYNCBN_HPP
 #define SYNCBN_SYNCBN_HPP
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -69,6 +71,35 @@ class Communicator {
   std::shared_ptr<syncbn_comm_s> handle_;
 };
 
+// The allreduce of a custom communicator: sums count doubles in place over the group and
+// returns 0, or an error code (see syncbn_allreduce_fn for device, stream and the contract).
+using AllreduceFunction =
+    std::function<int(double* buffer, std::size_t count, syncbn_device_t device, void* stream)>;
+
+// A communicator over any collective library (syncbn_comm_create_custom, not collective): this
+// rank's rank and the group's size, and an allreduce, kept alive as long as the communicator
+// and every plan on it. It cannot split (syncbn_comm_split returns SYNCBN_ERROR_NOT_SUPPORTED);
+// use the C function with a split function for that.
+inline Communicator custom_communicator(int rank, int size, AllreduceFunction allreduce) {
+  struct Trampoline {
+    static int call(double* buffer, std::size_t count, syncbn_device_t device, void* stream,
+                    void* self) {
+      try {
+        return (*static_cast<AllreduceFunction*>(self))(buffer, count, device, stream);
+      } catch (...) {
+        return -1;  // an exception must not cross the C boundary
+      }
+    }
+    static void release(void* self) { delete static_cast<AllreduceFunction*>(self); }
+  };
+  auto fn = std::make_unique<AllreduceFunction>(std::move(allreduce));
+  syncbn_comm_t h = nullptr;
+  check(syncbn_comm_create_custom(rank, size, &Trampoline::call, nullptr, &Trampoline::release,
+                                  fn.get(), &h));
+  fn.release();  // owned by the communicator now: freed by Trampoline::release
+  return Communicator(h);
+}
+
 // The defaults of syncbn_config_init: eps 1e-5, momentum 0.1, affine, track_running_stats,
 // channels-first, CPU, local parameter gradients.
 inline syncbn_config_t make_config(int64_t num_features, syncbn_dtype_t dtype = SYNCBN_FLOAT32) {
@@ -105,7 +136,7 @@ class BatchNorm {
                                   running_var, num_batches_tracked, stream));
   }
 
-  // syncbn_forward_inference (COLLECTIVE only when track_running_stats is off).
+  // syncbn_forward_inference (never collective).
   void forward_inference(const std::vector<int64_t>& shape, const void* x, const void* weight,
                          const void* bias, const void* running_mean, const void* running_var,
                          void* y, void* stream = nullptr) {
@@ -119,6 +150,15 @@ class BatchNorm {
                 void* dweight, void* dbias, void* stream = nullptr) {
     check(syncbn_backward(get(), static_cast<int>(shape.size()), shape.data(), x, dy, weight,
                           save_mean, save_invstd, dx, dweight, dbias, stream));
+  }
+
+  // syncbn_plan_reject_call: takes part in call as a rank that rejected argument (COLLECTIVE
+  // where call is). Always throws the group's error.
+  [[noreturn]] void reject_call(syncbn_call_t call, const char* argument,
+                                syncbn_problem_t problem, const char* detail = nullptr,
+                                void* stream = nullptr) {
+    check(syncbn_plan_reject_call(get(), call, argument, problem, detail, stream));
+    throw Error(SYNCBN_ERROR_INTERNAL, "syncbn_plan_reject_call returned SYNCBN_SUCCESS");
   }
 
   // syncbn_plan_get_async_error: synchronizes stream; throws the error the device recorded in

@@ -1,9 +1,12 @@
 // The C API: handles, argument plumbing and the translation of internal failures into status
 // codes and the per-thread last-error message. No logic of its own beyond that.
 #include <new>
+#include <string>
 #include <utility>
 
 #include "comm/communicator.hpp"
+#include "comm/custom.hpp"
+#include "comm/handle.hpp"
 #include "core/error.hpp"
 #include "core/plan.hpp"
 #include "core/split.hpp"
@@ -29,10 +32,6 @@ SYNCBN_API syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm
 #endif
 }
 #endif
-
-struct syncbn_comm_s {
-  std::shared_ptr<syncbn::comm::Communicator> impl;
-};
 
 struct syncbn_plan_s {
   std::unique_ptr<syncbn::core::Plan> impl;
@@ -122,6 +121,17 @@ syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm) {
   return guarded([&] {
     require_out(comm, "comm");
     *comm = new syncbn_comm_s{syncbn::comm::make_self_communicator()};
+  });
+}
+
+syncbn_status_t syncbn_comm_create_custom(int rank, int size, syncbn_allreduce_fn allreduce,
+                                          syncbn_split_fn split, syncbn_release_fn release,
+                                          void* user_data, syncbn_comm_t* comm) {
+  return guarded([&] {
+    require_out(comm, "comm");
+    auto impl = syncbn::comm::make_custom_communicator(rank, size, allreduce, split, release,
+                                                       user_data);
+    *comm = new syncbn_comm_s{std::move(impl)};
   });
 }
 
@@ -255,6 +265,33 @@ syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* sha
   return guarded([&] {
     checked(plan, "plan").backward({{ndim, shape}, x, dy, weight, save_mean, save_invstd, dx,
                                     dweight, dbias, stream});
+  });
+}
+
+syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,
+                                        const char* argument, syncbn_problem_t problem,
+                                        const char* detail, void* stream) {
+  return guarded([&] {
+    auto& p = checked(plan, "plan");
+    using syncbn::core::Op;
+    using syncbn::core::Problem;
+    Op op = Op::forward_training;
+    switch (call) {
+      case SYNCBN_CALL_FORWARD_TRAINING: op = Op::forward_training; break;
+      case SYNCBN_CALL_FORWARD_INFERENCE: op = Op::forward_inference; break;
+      case SYNCBN_CALL_BACKWARD: op = Op::backward; break;
+      default:
+        syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
+                           "call is not a syncbn_call_t (" + std::to_string(static_cast<int>(call)) + ")");
+    }
+    Problem what = Problem::rejected;
+    switch (problem) {
+      case SYNCBN_PROBLEM_DTYPE: what = Problem::wrong_dtype; break;
+      case SYNCBN_PROBLEM_DEVICE: what = Problem::wrong_memory; break;
+      case SYNCBN_PROBLEM_LAYOUT: what = Problem::wrong_layout; break;
+      case SYNCBN_PROBLEM_SHAPE: what = Problem::wrong_shape; break;
+    }
+    p.reject_call(op, {syncbn::core::arg_from_name(argument), what, detail ? detail : ""}, stream);
   });
 }
 

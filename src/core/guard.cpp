@@ -37,6 +37,7 @@ const char* arg_name(Arg arg) {
     case Arg::plan: return "plan";
     case Arg::sub: return "sub";
     case Arg::memory: return "memory";
+    case Arg::other: return "an argument";
   }
   return "(unknown argument)";
 }
@@ -44,6 +45,15 @@ const char* arg_name(Arg arg) {
 std::uint32_t encode(const ArgError& e) { return error_code(e.arg, e.problem); }
 
 }  // namespace
+
+Arg arg_from_name(const char* name) {
+  if (name == nullptr) return Arg::other;
+  const std::string wanted = name;
+  for (auto a = static_cast<std::uint16_t>(Arg::x); a < static_cast<std::uint16_t>(Arg::other); ++a) {
+    if (wanted == arg_name(static_cast<Arg>(a))) return static_cast<Arg>(a);
+  }
+  return Arg::other;
+}
 
 std::string describe(Arg arg, Problem problem) {
   const std::string name = arg_name(arg);
@@ -67,6 +77,16 @@ std::string describe(Arg arg, Problem problem) {
       return name + ": the current CUDA device is not the one the plan (or its NCCL "
                     "communicator) is on";
     case Problem::cuda_failed: return name + ": a CUDA call failed on this rank";
+    case Problem::wrong_dtype: return name + " is not of the plan's dtype (or parameter type)";
+    case Problem::wrong_memory: return name + " is not in the memory of the plan's device";
+    case Problem::wrong_layout: return name + " is not dense in the plan's layout";
+    case Problem::wrong_shape: return name + " has a shape other than the call's";
+    case Problem::rejected: return name + " was rejected by the caller";
+    case Problem::comm_failed: return name + ": the communicator failed on this rank";
+    case Problem::cannot_split:
+      return name + ": a custom communicator without a split function cannot split";
+    case Problem::wrong_group:
+      return name + ": the split made a group of the wrong size or rank on this rank";
   }
   return name + ": invalid";
 }
@@ -77,6 +97,8 @@ syncbn_status_t status_of(Problem problem) {
     case Problem::disagrees: return SYNCBN_ERROR_CONFIG_MISMATCH;
     case Problem::out_of_memory: return SYNCBN_ERROR_OUT_OF_MEMORY;
     case Problem::cuda_failed: return SYNCBN_ERROR_INTERNAL;
+    case Problem::comm_failed: return SYNCBN_ERROR_COMM;
+    case Problem::cannot_split: return SYNCBN_ERROR_NOT_SUPPORTED;
     default: return SYNCBN_ERROR_INVALID_ARGUMENT;
   }
 }

@@ -36,6 +36,7 @@ enum class Arg : std::uint16_t {
   dy, dx, dweight, dbias, shape, ndim, stream,
   config, num_features, dtype, layout, device, eps, momentum, group_size, plan, sub,
   memory,
+  other,  // an argument the caller named in syncbn_plan_reject_call that is none of the above
 };
 
 // What is wrong with it. Values are part of the wire format: append only.
@@ -56,6 +57,14 @@ enum class Problem : std::uint16_t {
   no_device,       // a CUDA plan, and no usable CUDA device on this rank
   wrong_device,    // the current CUDA device is not the plan's (or its NCCL communicator's)
   cuda_failed,     // a CUDA call (launch, copy, synchronization) failed (SYNCBN_ERROR_INTERNAL)
+  wrong_dtype,     // the caller says: not of the plan's dtype or parameter type
+  wrong_memory,    // the caller says: not in the memory of the plan's device
+  wrong_layout,    // the caller says: not dense in the plan's layout
+  wrong_shape,     // the caller says: a shape other than the call's
+  rejected,        // the caller rejected it for a reason syncbn has no name for
+  comm_failed,     // the communicator's backend failed on this rank (SYNCBN_ERROR_COMM)
+  cannot_split,    // a custom communicator without a split function (SYNCBN_ERROR_NOT_SUPPORTED)
+  wrong_group,     // a split produced a group of the wrong size or rank
 };
 
 // An error's wire code: argument and problem in 12 bits (so that code^2 stays exact in sums).
@@ -74,6 +83,8 @@ struct ArgError {
 
 // "weight is null", "shape: channel dimension differs from num_features", ...
 std::string describe(Arg arg, Problem problem);
+// The argument of a C API name ("x", "running_var", ...); Arg::other for NULL or another name.
+Arg arg_from_name(const char* name);
 syncbn_status_t status_of(Problem problem);
 
 // Slots of the participation count and error record: [1, failed, rank + 1, code, code^2].

@@ -254,7 +254,7 @@ ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
 
 ArgError Plan::check_forward(const ForwardArgs& a, bool track, cpu::Geometry* g,
                              std::int64_t* count) const {
-  ArgError err = check_shape(a.shape, g);
+  ArgError err = a.rejected ? *a.rejected : check_shape(a.shape, g);
   *count = err ? 0 : g->count_per_channel();
   require(err, *count == 0 || a.x != nullptr, Arg::x);
   require(err, *count == 0 || a.y != nullptr, Arg::y);
@@ -270,7 +270,7 @@ ArgError Plan::check_forward(const ForwardArgs& a, bool track, cpu::Geometry* g,
 }
 
 ArgError Plan::check_backward(const BackwardArgs& a, cpu::Geometry* g, std::int64_t* count) const {
-  ArgError err = check_shape(a.shape, g);
+  ArgError err = a.rejected ? *a.rejected : check_shape(a.shape, g);
   *count = err ? 0 : g->count_per_channel();
   require(err, *count == 0 || a.x != nullptr, Arg::x);
   require(err, *count == 0 || a.dy != nullptr, Arg::dy);
@@ -284,6 +284,10 @@ ArgError Plan::check_backward(const BackwardArgs& a, cpu::Geometry* g, std::int6
 }
 
 void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op) {
+  if (!collective(op)) {
+    if (mine) fail_local(comm_->rank(), mine);
+    return;
+  }
   const Fingerprint fp = next_fingerprint(op);
   put_guards(buffer_.data(), comm_->rank(), mine, fp);
   comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots);
@@ -330,6 +334,7 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   exchange(2 * C + 1, err, op);
 
   const double m = sum[2 * C];
+  if (!collective(op) && m == 0.0) return;  // this rank's empty batch: nothing to normalize
   check_batch_count(m, track);
 
   // Nothing can fail from here on: write saved statistics, y and running statistics.
@@ -461,9 +466,10 @@ void Plan::forward_training(const ForwardArgs& args) {
 
 void Plan::forward_inference(const ForwardArgs& args) {
   const bool f64 = config_.dtype == SYNCBN_FLOAT64;
+  if (args.rejected) fail_local(comm_->rank(), *args.rejected);  // never collective
   if (!config_.track_running_stats) {
     SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_inference))
-    ForwardArgs batch = args;  // batch statistics, nothing saved
+    ForwardArgs batch = args;  // this rank's batch statistics, nothing saved
     batch.save_mean = batch.save_invstd = nullptr;
     if (f64) {
       forward_batch_stats<double>(batch, Op::forward_inference);
@@ -486,6 +492,25 @@ void Plan::backward(const BackwardArgs& args) {
   } else {
     backward_typed<float>(args);
   }
+}
+
+void Plan::reject_call(Op op, const ArgError& err, void* stream) {
+  if (op == Op::backward) {
+    BackwardArgs args;
+    args.stream = stream;
+    args.rejected = &err;
+    backward(args);
+  } else {
+    ForwardArgs args;
+    args.stream = stream;
+    args.rejected = &err;
+    if (op == Op::forward_training) {
+      forward_training(args);
+    } else {
+      forward_inference(args);
+    }
+  }
+  fail(SYNCBN_ERROR_INTERNAL, "a rejected call did not fail");
 }
 
 syncbn_status_t Plan::async_error(void* stream) {

@@ -35,6 +35,7 @@ struct ForwardArgs {
   void* running_var = nullptr;
   std::int64_t* num_batches_tracked = nullptr;
   void* stream = nullptr;
+  const ArgError* rejected = nullptr;  // syncbn_plan_reject_call: this rank's error, nothing else
 };
 
 struct BackwardArgs {
@@ -48,6 +49,7 @@ struct BackwardArgs {
   void* dweight = nullptr;
   void* dbias = nullptr;
   void* stream = nullptr;
+  const ArgError* rejected = nullptr;  // as in ForwardArgs
 };
 
 // The config's own validity, on this rank (no communication).
@@ -74,10 +76,12 @@ class Plan {
 
   // COLLECTIVE. Batch statistics over the group; running statistics updated on success.
   void forward_training(const ForwardArgs& args);
-  // Running statistics when track_running_stats, else batch statistics (COLLECTIVE).
+  // Local: running statistics when track_running_stats, else this rank's batch statistics.
   void forward_inference(const ForwardArgs& args);
   // COLLECTIVE.
   void backward(const BackwardArgs& args);
+  // Takes part in the call op as a rank that rejected its arguments (err); always throws.
+  [[noreturn]] void reject_call(Op op, const ArgError& err, void* stream);
 
   // CUDA plans: synchronizes stream, then the first failed verdict the device recorded since the
   // last report (SYNCBN_SUCCESS if none), with its message as last error; clears it.
@@ -87,6 +91,8 @@ class Plan {
   Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
        std::uint64_t tag);
 
+  // Batch statistics of the group (op forward_training), or of this rank alone without any
+  // communication (op forward_inference: no fingerprint is drawn, the sequence stays).
   template <class T> void forward_batch_stats(const ForwardArgs& args, Op op);
   template <class T> void forward_running_stats(const ForwardArgs& args);
   template <class T> void backward_typed(const BackwardArgs& args);
@@ -105,8 +111,11 @@ class Plan {
                           std::int64_t* count) const;
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
   // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws
-  // on error, identically on every rank).
+  // on error, identically on every rank). For forward_inference (local batch statistics) no
+  // communication: this rank's error is its verdict.
   void exchange(std::size_t data_slots, const ArgError& mine, Op op);
+  // Whether op's batch statistics are the group's (else this rank's own).
+  static bool collective(Op op) { return op != Op::forward_inference; }
   // Runs a call's local computation unless err is set; an allocation failure becomes err, so
   // that this rank still enters the collective and reports it there.
   template <class F> void local_phase(ArgError& err, F&& compute);

@@ -147,12 +147,14 @@ CudaResources& resources(const std::unique_ptr<DeviceResources>& d) {
 
 // What the reduction writes next to this rank's sums (a failing rank: its error, count 0).
 cuda::GuardWrite guard_write(int rank, const ArgError& err, const Fingerprint& fp,
-                             std::int64_t count, const std::int64_t* num_batches_tracked) {
+                             std::int64_t count, const std::int64_t* num_batches_tracked,
+                             bool collective = true) {
   cuda::GuardWrite gw{};
   put_guards(gw.slots, rank, err, fp);
   gw.count = err ? 0.0 : static_cast<double>(count);
   gw.num_batches_tracked = err ? nullptr : reinterpret_cast<const long long*>(num_batches_tracked);
   gw.rank = rank;
+  gw.collective = collective;
   return gw;
 }
 
@@ -248,18 +250,24 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   ArgError err = check_forward(a, track, &g, &count);
   void* stream = a.stream;
   check_device(err, res, stream);
+  const bool group = collective(op);
+  if (!group) {  // this rank's own batch statistics: every verdict is known here
+    if (err) fail_local(comm_->rank(), err);
+    if (count == 0) return;  // an empty batch: nothing to normalize
+  }
   DeviceSwitch on(res.device);
 
-  const Fingerprint fp = next_fingerprint(op);
-  cuda::GuardWrite gw =
-      guard_write(comm_->rank(), err, fp, count, track ? a.num_batches_tracked : nullptr);
+  const Fingerprint fp = group ? next_fingerprint(op) : Fingerprint{tag_, op, seq_};
+  cuda::GuardWrite gw = guard_write(comm_->rank(), err, fp, count,
+                                    track ? a.num_batches_tracked : nullptr, group);
   reduce_or_guards(res, comm_->rank(), err, fp, gw, false, stream,
                    [&] { cuda::reduce_moments(res.state, g, a.x, gw, stream); });
   if (err) count = 0;
-  exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, track, stream);
+  if (group) exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, track, stream);
+  if (!group && err) fail_local(comm_->rank(), err);  // the reduction could not be launched
 
   cuda::ForwardFinalize f{};
-  f.group_size = comm_->size();
+  f.group_size = group ? comm_->size() : 1;
   f.track = track;
   f.momentum = config_.momentum;
   f.eps = config_.eps;

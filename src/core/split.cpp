@@ -1,5 +1,6 @@
 #include "core/split.hpp"
 
+#include <new>
 #include <string>
 
 #include "core/error.hpp"
@@ -27,7 +28,31 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
                                             std::to_string(parent.rank()) + " has " +
                                             std::to_string(group_size) + ")");
   }
-  return parent.split_consecutive(group_size);
+  // The backend's split, then one more allreduce so that every rank learns whether every rank
+  // got its group: a backend that fails on one rank (a custom split function, an allocation)
+  // must not leave the others holding groups their peer will never use.
+  std::shared_ptr<comm::Communicator> group;
+  ArgError outcome;
+  try {
+    group = parent.split_consecutive(group_size);
+  } catch (const Failure& f) {
+    outcome = {Arg::sub,
+               f.status() == SYNCBN_ERROR_NOT_SUPPORTED ? Problem::cannot_split : Problem::comm_failed,
+               f.what()};
+  } catch (const std::bad_alloc&) {
+    outcome = {Arg::memory, Problem::out_of_memory, {}};
+  }
+  if (!outcome && (group->size() != group_size || group->rank() != parent.rank() % group_size)) {
+    outcome = {Arg::sub, Problem::wrong_group,
+               "rank " + std::to_string(group->rank()) + " of " + std::to_string(group->size()) +
+                   ", expected rank " + std::to_string(parent.rank() % group_size) + " of " +
+                   std::to_string(group_size)};
+  }
+  double verdict[kErrorSlots];
+  put_error_record(verdict, parent.rank(), outcome);
+  parent.allreduce_sum(verdict, kErrorSlots);
+  check_error_record(verdict, parent.size(), parent.rank(), outcome);
+  return group;
 }
 
 }  // namespace syncbn::core

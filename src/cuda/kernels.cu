@@ -198,7 +198,7 @@ __device__ void put_guards(const DeviceState& st, const GuardWrite& gw) {
   if (linear_thread() != 0) return;
   double* b = st.buffer;
   for (std::size_t i = 0; i < kGuardSlots; ++i) b[i] = gw.slots[i];
-  core::put_agree(b + core::kSequenceSlot, (*st.calls)++);
+  core::put_agree(b + core::kSequenceSlot, gw.collective ? (*st.calls)++ : *st.calls);
   const long long* nbt = gw.num_batches_tracked;
   if (nbt != nullptr && *nbt < 0 && b[1] == 0.0) {
     core::put_error_slots(b, gw.rank,

@@ -57,12 +57,14 @@ std::int64_t partial_capacity(std::int64_t channels);
 
 // The guard slots and count a reduction writes into the buffer, and num_batches_tracked to read
 // (its successor goes to num_batches_next; NULL: 0). The device replaces the sequence pair with
-// its own call counter, and flags a negative num_batches_tracked as this rank's error.
+// its own call counter (advanced by collective calls only), and flags a negative
+// num_batches_tracked as this rank's error.
 struct GuardWrite {
   double slots[core::kGuardSlots];
   double count;
   const long long* num_batches_tracked;
   int rank;
+  bool collective;  // a collective call: it takes the call counter's next number
 };
 
 // Local shifted moments of x into the buffer (unshifted in fp64 before they are written, see

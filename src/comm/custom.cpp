@@ -1,0 +1,88 @@
+#include "comm/custom.hpp"
+
+#include <string>
+
+#include "comm/handle.hpp"
+#include "core/error.hpp"
+
+namespace syncbn::comm {
+namespace {
+
+class CustomCommunicator final : public Communicator {
+ public:
+  CustomCommunicator(int rank, int size, syncbn_allreduce_fn allreduce, syncbn_split_fn split,
+                     syncbn_release_fn release, void* user_data)
+      : rank_(rank), size_(size), allreduce_(allreduce), split_(split), release_(release),
+        user_data_(user_data) {}
+  ~CustomCommunicator() override {
+    if (release_ != nullptr) release_(user_data_);
+  }
+  CustomCommunicator(const CustomCommunicator&) = delete;
+  CustomCommunicator& operator=(const CustomCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  void allreduce_sum(double* buffer, std::size_t count) override {
+    call(buffer, count, SYNCBN_DEVICE_CPU, nullptr);
+  }
+
+  // CUDA plans hand over the device buffer and the stream; the caller's function sums in
+  // stream order, so the verdict is the device's, as over NCCL.
+  DeviceBuffers device_buffers() const override { return DeviceBuffers::on_stream; }
+  void allreduce_sum_device(double* buffer, std::size_t count, void* stream) override {
+    call(buffer, count, SYNCBN_DEVICE_CUDA, stream);
+  }
+
+  std::shared_ptr<Communicator> split_consecutive(int group_size) override {
+    if (split_ == nullptr) {
+      core::fail(SYNCBN_ERROR_NOT_SUPPORTED,
+                 "a custom communicator without a split function cannot split");
+    }
+    syncbn_comm_t sub = nullptr;
+    const int code = split_(group_size, user_data_, &sub);
+    const std::unique_ptr<syncbn_comm_s> owned(sub);  // ours from here, whatever happens
+    if (code != 0) {
+      core::fail(SYNCBN_ERROR_COMM, "the split function returned " + std::to_string(code));
+    }
+    if (owned == nullptr) core::fail(SYNCBN_ERROR_COMM, "the split function stored no communicator");
+    return owned->impl;
+  }
+
+ private:
+  void call(double* buffer, std::size_t count, syncbn_device_t device, void* stream) {
+    const int code = allreduce_(buffer, count, device, stream, user_data_);
+    if (code != 0) {
+      core::fail(SYNCBN_ERROR_COMM, "the custom allreduce returned " + std::to_string(code) +
+                                        " (rank " + std::to_string(rank_) + ")");
+    }
+  }
+
+  int rank_;
+  int size_;
+  syncbn_allreduce_fn allreduce_;
+  syncbn_split_fn split_;
+  syncbn_release_fn release_;
+  void* user_data_;
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_custom_communicator(int rank, int size,
+                                                       syncbn_allreduce_fn allreduce,
+                                                       syncbn_split_fn split,
+                                                       syncbn_release_fn release,
+                                                       void* user_data) {
+  if (allreduce == nullptr) core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "allreduce is null");
+  if (size < 1) {
+    core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "size must be >= 1 (size = " + std::to_string(size) + ")");
+  }
+  if (rank < 0 || rank >= size) {
+    core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "rank must be in [0, size) (rank = " +
+                                                  std::to_string(rank) + ", size = " +
+                                                  std::to_string(size) + ")");
+  }
+  return std::make_shared<CustomCommunicator>(rank, size, allreduce, split, release, user_data);
+}
+
+}  // namespace syncbn::comm
