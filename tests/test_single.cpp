@@ -327,6 +327,21 @@ TEST_P(WideChannels, MatchReference) {
 }
 INSTANTIATE_TEST_SUITE_P(All, WideChannels, kAllDtypeLayouts, dtype_layout_name);
 
+class ShortRows : public ::testing::TestWithParam<DtypeLayout> {};
+
+// Channels-first rows of fewer than 256 values read (forward: x; backward: x and dy, so rows
+// under 128) are reduced channel by channel, all rows of a channel into 16 accumulators; longer
+// rows piece by piece. Row lengths 7 x 7, 15, 16, 17, 127 (tails of every size, and none), 128
+// and 255 (channel by channel forward only), 256 (row by row both ways); 5 channels shared
+// between threads unevenly; enough elements (> 32768) for several threads.
+TEST_P(ShortRows, MatchReference) {
+  const auto [dtype, layout] = GetParam();
+  train_and_eval_each(dtype, layout, 5,
+                      {{160, {7, 7}}, {440, {15}}, {410, {16}}, {390, {17}}, {60, {127}},
+                       {60, {128}}, {26, {255}}, {26, {16, 16}}});
+}
+INSTANTIATE_TEST_SUITE_P(All, ShortRows, kAllDtypeLayouts, dtype_layout_name);
+
 // momentum 0 leaves the running statistics exactly as they were (num_batches_tracked still
 // counts the batch); momentum 1 replaces them with the batch's (unbiased variance).
 TEST(Momentum, ZeroAndOne) {

@@ -24,6 +24,15 @@ constexpr std::int64_t kChunk = 16384;
 // Independent fp64 accumulators per channels-first reduction: enough vectors in flight to hide
 // the add latency (measured best among 8, 16, 32 with SSE2, AVX2 and AVX-512 code).
 constexpr int kLanes = 32;
+// Channels-first rows whose elements, over the tensors a reduction reads, number fewer than this
+// (7 x 7 and 14 x 14 maps forward, 7 x 7 backward) are reduced channel by channel, every row of a
+// channel into the same accumulators: the lanes are summed once per channel instead of once per
+// row, where that sum and the scalar tail cost as much as the row. With more, the strided walk
+// down a channel of two tensors measured slower than row by row (14 x 14 backward on AMD EPYC:
+// 1.1-1.2x the time), and forward 7 x 7 at a third of the time, backward at half.
+constexpr std::int64_t kShortRow = 256;
+// Accumulators of that path: fewer than kLanes, so that the tail of a short row is short too.
+constexpr int kShortLanes = 16;
 // Below this many elements a pass runs on one thread (a parallel region costs microseconds).
 constexpr std::int64_t kParallelMin = 32768;
 // Channels-last rows summed in the data type before one fp64 merge (DESIGN.md section 1, step 1:
@@ -204,10 +213,11 @@ void reduce_rows(const Op& op, std::int64_t C, std::int64_t r_begin, std::int64_
 // pieces take fp64 pairs (exact for fp32 data) into fp64 accumulators; channels-last rows take
 // pairs in A (the data type) into group sums merged in fp64 (reduce_rows).
 //
-// `loaded` (at most 3) are the arrays the op reads, for place_group_sums.
+// `loaded` (at most 3) are the arrays the op reads, for place_group_sums; `streams` of them are
+// tensors (the others are per-channel values).
 template <class A, class Op>
 void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const void*> loaded,
-                  double* out_u, double* out_v, Workspace& ws) {
+                  int streams, double* out_u, double* out_v, Workspace& ws) {
   const std::int64_t C = g.channels;
   const int nt = threads_for(g.outer * C * g.inner);
   const std::size_t stride = sums_stride(C), gstride = groups_stride<A>(C);
@@ -219,11 +229,45 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
   if (g.inner == 1 && groups.size() < gsize) groups.resize(gsize);
   double* const partials = ws.sums.data();
 
+  // Short channels-first rows, channel by channel (see kShortRow): thread t takes whole
+  // channels, all of their rows.
+  const bool by_channel = g.inner > 1 && g.inner * streams < kShortRow && C >= nt;
+
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
     double* const pu = partials + static_cast<std::size_t>(t) * stride;
     double* const pv = pu + C;
+    if (by_channel) {
+      std::int64_t c_lo, c_hi;
+      share(C, t, omp_get_num_threads(), c_lo, c_hi);
+      const std::int64_t S = g.inner, row_stride = C * S;
+      for (std::int64_t c = c_lo; c < c_hi; ++c) {
+        double au[kShortLanes] = {}, av[kShortLanes] = {};
+        for (std::int64_t n = 0, base = c * S; n < g.outer; ++n, base += row_stride) {
+          std::int64_t i = 0;
+          for (; i + kShortLanes <= S; i += kShortLanes) {
+            for (int k = 0; k < kShortLanes; ++k) {
+              const Pair<double> p = op(0.0, base + i + k, c);
+              au[k] += p.u;
+              av[k] += p.v;
+            }
+          }
+          for (int k = 0; i < S; ++i, ++k) {
+            const Pair<double> p = op(0.0, base + i, c);
+            au[k] += p.u;
+            av[k] += p.v;
+          }
+        }
+        double su = 0.0, sv = 0.0;
+        for (int k = 0; k < kShortLanes; ++k) {
+          su += au[k];
+          sv += av[k];
+        }
+        pu[c] = su;
+        pv[c] = sv;
+      }
+    } else {
     const GroupSums<A> gs =
         g.inner == 1 ? place_group_sums<A>(groups.data() + static_cast<std::size_t>(t) * gstride,
                                            pu, C, loaded)
@@ -262,6 +306,7 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
         pv[c] += sv;
       }
     });
+    }
   }
 
   for (std::int64_t c = 0; c < C; ++c) {
@@ -318,10 +363,10 @@ bool all_finite(const double* u, const double* v, std::int64_t C) {
 // sums, as in the channels-first path.
 template <class T, class Op>
 void reduce_data(const Geometry& g, const Op& op, std::initializer_list<const void*> loaded,
-                 double* out_u, double* out_v, Workspace& ws) {
-  reduce_pairs<T>(g, op, loaded, out_u, out_v, ws);
+                 int streams, double* out_u, double* out_v, Workspace& ws) {
+  reduce_pairs<T>(g, op, loaded, streams, out_u, out_v, ws);
   if (std::is_same_v<T, float> && g.inner == 1 && !all_finite(out_u, out_v, g.channels)) {
-    reduce_pairs<double>(g, op, loaded, out_u, out_v, ws);
+    reduce_pairs<double>(g, op, loaded, streams, out_u, out_v, ws);
   }
 }
 
@@ -337,7 +382,7 @@ void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, 
         const B xi = static_cast<B>(x[i]) - static_cast<B>(shift[c]);
         return Pair<B>{xi, xi * xi};
       },
-      {x, shift}, sum, sumsq, ws);
+      {x, shift}, 1, sum, sumsq, ws);
 }
 
 template <class T>
@@ -350,7 +395,7 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, do
         const B gi = static_cast<B>(dy[i]);
         return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
       },
-      {x, dy, center}, sum_g, sum_gx, ws);
+      {x, dy, center}, 2, sum_g, sum_gx, ws);
 }
 
 template <class T>

@@ -1,0 +1,23 @@
+// Output memory of the CPU kernels. A freshly allocated output (torch.empty_like of a large
+// tensor: glibc maps it anew every time) is first written by the elementwise pass, and on Linux
+// every 4 KiB page of it then faults and is zeroed one at a time: for a 100 MB output that costs
+// more than the pass itself. Advising the range as transparent huge pages first (madvise
+// MADV_HUGEPAGE, honoured where THP is "always" or "madvise") makes it 512 times fewer faults.
+#ifndef SYNCBN_CPU_MEMORY_HPP
+#define SYNCBN_CPU_MEMORY_HPP
+
+#include <cstddef>
+
+namespace syncbn::cpu {
+
+// Outputs smaller than this are left alone (the hint costs a system call).
+constexpr std::size_t kHugePageOutputBytes = std::size_t{4} << 20;
+
+// Called before a kernel writes bytes at data: advises the 2 MiB-aligned part of the range as
+// huge pages. A hint, never an error; a no-op off Linux, below kHugePageOutputBytes, and with
+// SYNCBN_CPU_HUGEPAGES=0 in the environment.
+void prepare_output(void* data, std::size_t bytes);
+
+}  // namespace syncbn::cpu
+
+#endif  // SYNCBN_CPU_MEMORY_HPP
