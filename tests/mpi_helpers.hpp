@@ -83,16 +83,6 @@ std::vector<double> sum_over_ranks(const std::vector<T>& v, MPI_Comm comm) {
   return d;
 }
 
-// Owning handles for the C API.
-struct CommDeleter {
-  void operator()(syncbn_comm_s* c) const { syncbn_comm_destroy(c); }
-};
-struct PlanDeleter {
-  void operator()(syncbn_plan_s* p) const { syncbn_plan_destroy(p); }
-};
-using CommHandle = std::unique_ptr<syncbn_comm_s, CommDeleter>;
-using PlanHandle = std::unique_ptr<syncbn_plan_s, PlanDeleter>;
-
 // ---- a custom communicator over MPI (syncbn_comm_create_custom) ------------------------------
 
 // The caller's side of a custom communicator: an MPI communicator of its own (a duplicate, freed

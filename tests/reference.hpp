@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <limits>
 #include <ostream>
 #include <random>
@@ -523,6 +524,16 @@ template <class T>
   os << what << ": differs bitwise, first at [" << i << "]: " << got[i] << " vs " << want[i];
   return ::testing::AssertionFailure() << os.str();
 }
+
+// Owning handles for the C API.
+struct CommDeleter {
+  void operator()(syncbn_comm_s* c) const { syncbn_comm_destroy(c); }
+};
+struct PlanDeleter {
+  void operator()(syncbn_plan_s* p) const { syncbn_plan_destroy(p); }
+};
+using CommHandle = std::unique_ptr<syncbn_comm_s, CommDeleter>;
+using PlanHandle = std::unique_ptr<syncbn_plan_s, PlanDeleter>;
 
 // A layer configuration: C channels of dtype in layout with the given options; the rest at
 // syncbn_config_init's defaults (CPU).

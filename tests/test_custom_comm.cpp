@@ -138,15 +138,6 @@ void on_threads(int P, F body) {
   for (auto& t : threads) t.join();
 }
 
-struct CommDeleter {
-  void operator()(syncbn_comm_s* c) const { syncbn_comm_destroy(c); }
-};
-struct PlanDeleter {
-  void operator()(syncbn_plan_s* p) const { syncbn_plan_destroy(p); }
-};
-using CommHandle = std::unique_ptr<syncbn_comm_s, CommDeleter>;
-using PlanHandle = std::unique_ptr<syncbn_plan_s, PlanDeleter>;
-
 CommHandle member_comm(const std::shared_ptr<ThreadGroup>& group, int rank, bool with_split = true) {
   syncbn_comm_t c = nullptr;
   EXPECT_EQ(Member::create(group, rank, &c, with_split), SYNCBN_SUCCESS) << syncbn_last_error();

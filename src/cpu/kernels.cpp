@@ -243,6 +243,8 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
       share(C, t, omp_get_num_threads(), c_lo, c_hi);
       const std::int64_t S = g.inner, row_stride = C * S;
       for (std::int64_t c = c_lo; c < c_hi; ++c) {
+        // The loop of the row-by-row path below, with kShortLanes (written out twice: a shared
+        // helper taking the accumulators by reference measured 1.2-1.6x slower here).
         double au[kShortLanes] = {}, av[kShortLanes] = {};
         for (std::int64_t n = 0, base = c * S; n < g.outer; ++n, base += row_stride) {
           std::int64_t i = 0;
@@ -268,44 +270,45 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
         pv[c] = sv;
       }
     } else {
-    const GroupSums<A> gs =
-        g.inner == 1 ? place_group_sums<A>(groups.data() + static_cast<std::size_t>(t) * gstride,
-                                           pu, C, loaded)
-                     : GroupSums<A>{};
-    for_share(g, t, omp_get_num_threads(), [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
-      if (c < 0) {
-        if (C * static_cast<std::int64_t>(sizeof(A)) >= kMultiRowBytes) {
-          reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
+      const GroupSums<A> gs =
+          g.inner == 1 ? place_group_sums<A>(groups.data() + static_cast<std::size_t>(t) * gstride,
+                                             pu, C, loaded)
+                       : GroupSums<A>{};
+      for_share(g, t, omp_get_num_threads(),
+                [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
+        if (c < 0) {
+          if (C * static_cast<std::int64_t>(sizeof(A)) >= kMultiRowBytes) {
+            reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
+          } else {
+            reduce_rows<1>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
+          }
         } else {
-          reduce_rows<1>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
-        }
-      } else {
-        // Channels-first piece of one channel: kLanes independent accumulators (in registers,
-        // vectorized across lanes), so neither the add latency nor a reduction through memory
-        // bounds the loop; lanes are summed once per piece.
-        double au[kLanes] = {}, av[kLanes] = {};
-        std::int64_t i = begin;
-        for (; i + kLanes <= end; i += kLanes) {
-          for (int k = 0; k < kLanes; ++k) {
-            const Pair<double> p = op(0.0, i + k, c);
+          // Channels-first piece of one channel: kLanes independent accumulators (in registers,
+          // vectorized across lanes), so neither the add latency nor a reduction through memory
+          // bounds the loop; lanes are summed once per piece.
+          double au[kLanes] = {}, av[kLanes] = {};
+          std::int64_t i = begin;
+          for (; i + kLanes <= end; i += kLanes) {
+            for (int k = 0; k < kLanes; ++k) {
+              const Pair<double> p = op(0.0, i + k, c);
+              au[k] += p.u;
+              av[k] += p.v;
+            }
+          }
+          for (int k = 0; i < end; ++i, ++k) {
+            const Pair<double> p = op(0.0, i, c);
             au[k] += p.u;
             av[k] += p.v;
           }
+          double su = 0.0, sv = 0.0;
+          for (int k = 0; k < kLanes; ++k) {
+            su += au[k];
+            sv += av[k];
+          }
+          pu[c] += su;
+          pv[c] += sv;
         }
-        for (int k = 0; i < end; ++i, ++k) {
-          const Pair<double> p = op(0.0, i, c);
-          au[k] += p.u;
-          av[k] += p.v;
-        }
-        double su = 0.0, sv = 0.0;
-        for (int k = 0; k < kLanes; ++k) {
-          su += au[k];
-          sv += av[k];
-        }
-        pu[c] += su;
-        pv[c] += sv;
-      }
-    });
+      });
     }
   }
 
