@@ -13,6 +13,8 @@ venv=${SYNCBN_VENV:-$build/venv}
 mkdir -p "$build"
 [[ -x "$venv/bin/python" ]] || /usr/bin/python3 -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$root"
+# fairscale's SyncBatchNorm, the comparison of bench/torch_sync_bench.py (--no-deps: keep torch)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps fairscale
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSYNCBN_PYTHON="$venv/bin/python"
 cmake --build "$build" -j "$(nproc)"
 cd "$build"

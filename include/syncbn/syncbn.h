@@ -87,6 +87,11 @@
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
  * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per
  * thread.
+ *
+ * Memory. On Linux, CPU plans advise outputs (y, dx) of 4 MiB or more as transparent huge pages
+ * (madvise MADV_HUGEPAGE) before writing them: a freshly allocated output then faults in 2 MiB
+ * instead of 4 KiB pages, which for a 100 MB tensor more than halves the call. A hint only;
+ * SYNCBN_CPU_HUGEPAGES=0 in the environment turns it off.
  */
 #ifndef SYNCBN_SYNCBN_H
 #define SYNCBN_SYNCBN_H
