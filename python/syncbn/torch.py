@@ -297,15 +297,16 @@ class SyncBatchNorm(_BatchNorm):
 
     def _forward_eval(self, x):
         track = self.running_mean is not None
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias)))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            p is not None and p.requires_grad for p in (self.weight, self.bias)))
         if needs_grad or (track and not self._tracking()):
             # Differentiable evaluation (fine-tuning with frozen statistics), or buffers kept
             # while track_running_stats was turned off: torch's own batch norm, exactly.
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 not track, 0.0, self.eps)
-        if self._local_plans is None or self._local_plans.key != self._key(x):
-            self._local_plans = _PlanSet(_local_communicator(), self.num_features, self._key(x))
+        key = self._key(x)
+        if self._local_plans is None or self._local_plans.key != key:
+            self._local_plans = _PlanSet(_local_communicator(), self.num_features, key)
         x, layout = _layout(x, self._layout_hint)
         _, plan, _, problem = self._local_plans.pick(x, layout)
         device = self._local_plans.device
