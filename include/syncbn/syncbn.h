@@ -6,7 +6,7 @@
  * (syncbn/syncbn_mpi.h), so a CPU-only, single-process user never includes mpi.h.
  *
  * What one training step computes (Ioffe & Szegedy 2015, Algorithm 1, with the mini-batch taken
- * over every rank of the group; the full contract is in DESIGN.md section 1):
+ * over every rank of the group):
  *   per channel c, over the m = sum_r N_r * S_r values of all ranks r of the group:
  *     mean_c   = (1/m) sum x
  *     var_c    = max((1/m) sum x^2 - mean_c^2, 0)  (biased; used for normalizing)
@@ -37,7 +37,7 @@
  * group, in the same order. A rank that rejects its own arguments still enters the collective
  * with a failure flag instead of data, so every rank of the group returns the same status and a
  * message naming the rank and the argument ("rank 2: weight is null") instead of waiting
- * forever (DESIGN.md section 2). A failed call changes no running statistic and no
+ * forever. A failed call changes no running statistic and no
  * num_batches_tracked, on any rank. Call fingerprints (plan, operation, sequence number) travel
  * with every allreduce, so a rank that skipped a call or called another layer makes every rank
  * fail with SYNCBN_ERROR_CALL_MISMATCH; the plan's call sequence is then out of step and the
