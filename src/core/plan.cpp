@@ -11,7 +11,6 @@
 
 #include "core/error.hpp"
 #include "core/finalize.hpp"
-#include "cpu/memory.hpp"
 
 namespace syncbn::core {
 namespace {
@@ -88,13 +87,6 @@ syncbn_config_t normalized(const syncbn_config_t& c) {
   return n;
 }
 
-
-// Bytes of a dense tensor of T with geometry g.
-template <class T>
-std::size_t output_bytes(const cpu::Geometry& g) {
-  return static_cast<std::size_t>(g.outer) * static_cast<std::size_t>(g.channels) *
-         static_cast<std::size_t>(g.inner) * sizeof(T);
-}
 
 template <class T>
 const T* as(const void* p) {
@@ -370,10 +362,7 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
     shift[c] = co.shift;
     if (track) update_running(running_mean[c], running_var[c], mo, m, factor);
   }
-  if (count > 0) {
-    cpu::prepare_output(a.y, output_bytes<T>(g));
-    cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
-  }
+  if (count > 0) cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
   if (track && a.num_batches_tracked != nullptr) ++*a.num_batches_tracked;
 }
 
@@ -403,10 +392,7 @@ void Plan::forward_running_stats(const ForwardArgs& a) {
     scale[c] = co.scale;
     shift[c] = co.shift;
   }
-  if (count > 0) {
-    cpu::prepare_output(a.y, output_bytes<T>(g));
-    cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
-  }
+  if (count > 0) cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
 }
 
 template <class T>
@@ -449,10 +435,7 @@ void Plan::backward_typed(const BackwardArgs& a) {
     kk[c] = co.k;
     kd[c] = co.d;
   }
-  if (count > 0) {
-    cpu::prepare_output(a.dx, output_bytes<T>(g));
-    cpu::backward_elemt(g, as<T>(a.x), as<T>(a.dy), center, ka, kk, kd, as<T>(a.dx));
-  }
+  if (count > 0) cpu::backward_elemt(g, as<T>(a.x), as<T>(a.dy), center, ka, kk, kd, as<T>(a.dx));
   if (param_grads) {
     const double* const src = config_.global_param_grads ? sum_g : local_.data();
     for (std::int64_t c = 0; c < C; ++c) {

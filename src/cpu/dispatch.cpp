@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cpu/kernels.hpp"
+#include "cpu/memory.hpp"
 
 namespace syncbn::cpu {
 namespace {
@@ -79,14 +80,17 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, do
   SYNCBN_DISPATCH(reduce_grad(g, x, dy, center, sum_g, sum_gx, ws));
 }
 
+// The elementwise passes write a whole tensor of g: its memory is prepared first (memory.hpp).
 template <class T>
 void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y) {
+  prepare_output(y, tensor_bytes<T>(g));
   SYNCBN_DISPATCH(affine(g, x, center, scale, shift, y));
 }
 
 template <class T>
 void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,
                     const T* k, const T* d, T* dx) {
+  prepare_output(dx, tensor_bytes<T>(g));
   SYNCBN_DISPATCH(backward_elemt(g, x, dy, center, a, k, d, dx));
 }
 

@@ -81,7 +81,8 @@ template <class T>
 void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
                  double* sum_gx, Workspace& ws);
 
-// y = (x - center[c]) * scale[c] + shift[c]. y may equal x.
+// y = (x - center[c]) * scale[c] + shift[c]. y may equal x. Large outputs are advised as huge
+// pages first (memory.hpp), as in backward_elemt.
 template <class T>
 void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y);
 

@@ -8,6 +8,8 @@
 
 #include <cstddef>
 
+#include "core/geometry.hpp"
+
 namespace syncbn::cpu {
 
 // Outputs smaller than this are left alone (the hint costs a system call).
@@ -17,6 +19,13 @@ constexpr std::size_t kHugePageOutputBytes = std::size_t{4} << 20;
 // huge pages. A hint, never an error; a no-op off Linux, below kHugePageOutputBytes, and with
 // SYNCBN_CPU_HUGEPAGES=0 in the environment.
 void prepare_output(void* data, std::size_t bytes);
+
+// Bytes of a dense tensor of T with geometry g.
+template <class T>
+std::size_t tensor_bytes(const core::Geometry& g) {
+  return static_cast<std::size_t>(g.outer) * static_cast<std::size_t>(g.channels) *
+         static_cast<std::size_t>(g.inner) * sizeof(T);
+}
 
 }  // namespace syncbn::cpu
 
