@@ -27,7 +27,6 @@ takes as skipped) without fairscale.
 import argparse
 import csv
 import os
-import socket
 import statistics
 import sys
 import time
@@ -56,18 +55,11 @@ def parse():
 def init():
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size)
+    import syncbn.torch
+
+    rank, size = syncbn.torch.init_process_group_mpi("gloo")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return comm, rank, size
+    return MPI.COMM_WORLD, rank, size
 
 
 def variants(C, mpi_comm):

@@ -24,7 +24,6 @@ import argparse
 import gzip
 import json
 import os
-import socket
 import sys
 import time
 
@@ -69,16 +68,10 @@ def init_distributed():
     if "OMPI_COMM_WORLD_SIZE" in os.environ:
         from mpi4py import MPI
 
-        comm = MPI.COMM_WORLD
-        port = None
-        if comm.Get_rank() == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        port = comm.bcast(port, root=0)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=comm.Get_rank(), world_size=comm.Get_size())
-        return comm.Get_rank(), comm.Get_size(), comm
+        import syncbn.torch
+
+        rank, size = syncbn.torch.init_process_group_mpi("gloo")
+        return rank, size, MPI.COMM_WORLD
     dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     return dist.get_rank(), dist.get_world_size(), None
 

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
     Join = JoinHook = Joinable = object
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "SyncBatchNormJoinable",
-           "check_async_errors"]
+           "check_async_errors", "init_process_group_mpi"]
 
 _DTYPE_CODES = {torch.float32: _capi.FLOAT32, torch.float64: _capi.FLOAT64,
                 torch.float16: _capi.FLOAT16, torch.bfloat16: _capi.BFLOAT16}
@@ -53,24 +53,25 @@ def _address(t):
 
 
 def _layout(x, hint):
-    """x dense in one of syncbn's layouts, and that layout: channels-first if x is contiguous,
-    channels-last if it is (N, *spatial, C) in memory, else a contiguous copy. When x is both
-    (an empty tensor, C == 1, or spatial size 1: the same bytes either way), the strides decide
-    where they can, else hint (the layer's last unambiguous layout) does, so that every rank
-    picks the same plan."""
+    """x dense in one of syncbn's layouts, that layout, and whether x's strides alone decided it
+    (then it becomes the layer's hint): channels-first if x is contiguous, channels-last if it
+    is (N, *spatial, C) in memory, else a contiguous copy. When x is both (an empty tensor,
+    C == 1, or spatial size 1: the same bytes either way), the strides decide where they can,
+    else hint (the layer's last unambiguous layout) does, so that every rank picks the same
+    plan."""
     if x.dim() <= 2:
-        return x, _capi.CHANNELS_FIRST
+        return x, _capi.CHANNELS_FIRST, False
     first = x.is_contiguous()
     last = x.movedim(1, -1).is_contiguous()
     if first and not last:
-        return x, _capi.CHANNELS_FIRST
+        return x, _capi.CHANNELS_FIRST, True
     if last and not first:
-        return x, _capi.CHANNELS_LAST
+        return x, _capi.CHANNELS_LAST, True
     if not first:
-        return x.contiguous(), _capi.CHANNELS_FIRST
+        return x.contiguous(), _capi.CHANNELS_FIRST, True
     if x.shape[1] > 1 and math.prod(x.shape[2:]) > 1:  # empty: the strides still tell
-        return x, _capi.CHANNELS_LAST if x.stride(1) == 1 else _capi.CHANNELS_FIRST
-    return x, hint
+        return x, _capi.CHANNELS_LAST if x.stride(1) == 1 else _capi.CHANNELS_FIRST, False
+    return x, hint, False
 
 
 def _shape(x, layout):
@@ -156,14 +157,10 @@ class _Function(torch.autograd.Function):
         y = torch.empty_like(x)  # dense x: y gets its strides, so its memory format
         save_mean = torch.empty(C, dtype=param_dtype, device=x.device)
         save_invstd = torch.empty(C, dtype=param_dtype, device=x.device)
-        track = layer._tracking()
         with _on_device(x.device):
-            plan.forward_training(
-                shape, x.data_ptr(), _address(weight), _address(bias), y.data_ptr(),
-                save_mean.data_ptr(), save_invstd.data_ptr(),
-                _address(layer.running_mean) if track else None,
-                _address(layer.running_var) if track else None,
-                _address(layer.num_batches_tracked) if track else None, _stream(x.device))
+            plan.forward_training(shape, x.data_ptr(), _address(weight), _address(bias),
+                                  y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
+                                  *layer._running_statistics(), _stream(x.device))
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.plan, ctx.key, ctx.layer = plan, key, layer
         layer._record("forward", key)
@@ -245,6 +242,14 @@ class SyncBatchNorm(_BatchNorm):
     def _tracking(self):
         return self.track_running_stats and self.running_mean is not None
 
+    def _running_statistics(self):
+        """The addresses of running_mean, running_var and num_batches_tracked for a training
+        forward (None each when the layer does not track them)."""
+        if not self._tracking():
+            return None, None, None
+        return (_address(self.running_mean), _address(self.running_var),
+                _address(self.num_batches_tracked))
+
     def _key(self, x):
         tensors = [t for t in (self.weight, self.running_mean) if t is not None]
         if tensors:
@@ -280,7 +285,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _forward_training(self, x):
         plans = self._plan_set(self._communicator(), x)
-        x, layout = _layout(x, self._layout_hint)
+        x, layout, settles = _layout(x, self._layout_hint)
         key, plan, param_dtype, problem = plans.pick(x, layout)
         try:
             if problem is not None:
@@ -291,7 +296,7 @@ class SyncBatchNorm(_BatchNorm):
             if e.status == Status.CALL_MISMATCH:  # the plans' sequences are out of step
                 self._plans = None
             raise
-        if x.dim() > 2 and not (x.is_contiguous() and x.movedim(1, -1).is_contiguous()):
+        if settles:
             self._layout_hint = layout
         return y
 
@@ -307,7 +312,7 @@ class SyncBatchNorm(_BatchNorm):
         key = self._key(x)
         if self._local_plans is None or self._local_plans.key != key:
             self._local_plans = _PlanSet(_local_communicator(), self.num_features, key)
-        x, layout = _layout(x, self._layout_hint)
+        x, layout, _ = _layout(x, self._layout_hint)
         _, plan, _, problem = self._local_plans.pick(x, layout)
         device = self._local_plans.device
         with _on_device(device):
@@ -332,13 +337,10 @@ class SyncBatchNorm(_BatchNorm):
             if op == "forward":
                 self._shadow_saved = (torch.empty(C, dtype=param_dtype, device=device),
                                       torch.empty(C, dtype=param_dtype, device=device))
-                track = self._tracking()
                 plan.forward_training(
                     (0, C), None, _address(self.weight), _address(self.bias), None,
                     self._shadow_saved[0].data_ptr(), self._shadow_saved[1].data_ptr(),
-                    _address(self.running_mean) if track else None,
-                    _address(self.running_var) if track else None,
-                    _address(self.num_batches_tracked) if track else None, stream)
+                    *self._running_statistics(), stream)
             else:
                 save_mean, save_invstd = self._shadow_saved
                 plan.backward((0, C), None, None, _address(self.weight), save_mean.data_ptr(),
@@ -371,6 +373,32 @@ def _local_communicator():
     if not _self_comm:
         _self_comm.append(Communicator.self())
     return _self_comm[0]
+
+
+def init_process_group_mpi(backend="gloo", mpi_comm=None):
+    """COLLECTIVE over mpi_comm (default mpi4py's MPI.COMM_WORLD): torch.distributed's default
+    process group over the ranks of an mpirun job, for DistributedDataParallel and Join next to
+    syncbn's own MPI communicator. Rank and world size are MPI's; the rendezvous is TCP at
+    MASTER_ADDR:MASTER_PORT when set, else at 127.0.0.1 (every rank on one host) or rank 0's
+    host name, on a port rank 0 finds free. Returns (rank, world_size)."""
+    import os
+    import socket
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(socket.gethostname())
+    address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
+    port = os.environ.get("MASTER_PORT")
+    if port is None and rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
+                            world_size=size)
+    return rank, size
 
 
 def check_async_errors(module):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import syncbn
+import syncbn.torch
 
 
 class Job:
@@ -32,10 +33,7 @@ class Job:
             from mpi4py import MPI
 
             self.launcher = "mpirun"
-            self.rank, self.size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-            port = MPI.COMM_WORLD.bcast(_free_port() if self.rank == 0 else None, root=0)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                    rank=self.rank, world_size=self.size)
+            self.rank, self.size = syncbn.torch.init_process_group_mpi("gloo")
             self.comm = syncbn.Communicator.from_mpi4py(MPI.COMM_WORLD)
         elif "RANK" in env and "WORLD_SIZE" in env:
             self.launcher = "torchrun"
