@@ -29,7 +29,21 @@
 // C, the smallest P at which the allgather exchange takes 1.1x and 2x as long as the allreduce
 // (">max" in the table, 0 in the CSV: not within --max-p). At the measured P the table's own ratio
 // is the one to trust (Open MPI's actual algorithms); beyond it the model's.
+//
+// Deadlines. The same loop also times libsyncbn's own exchange, as a whole training call
+// (syncbn_forward_training of a plan of C channels, affine and running statistics off, one sample
+// on rank 0 and none elsewhere, so that the call is its packing, its one allreduce of 2C + 18
+// doubles and its per-channel finalize), twice: with no deadline (syncbn_comm_set_timeout 0: the
+// blocking MPI_Allreduce) and with the default 600 s deadline (MPI_Iallreduce on the
+// communicator's copy, polled with MPI_Test). The second table gives both against the blocking
+// MPI_Allreduce of the same n doubles, and the deadline's own cost (deadline / no deadline).
+// The two calls differ only in their exchange, so the deadline-aware exchange alone takes
+// allreduce + (deadline - no deadline): its ratio to the blocking MPI_Allreduce is the last
+// column ("exchange/ar").
 #include <mpi.h>
+
+#include "syncbn/syncbn.h"
+#include "syncbn/syncbn_mpi.h"
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -50,6 +64,50 @@ double median(std::vector<double> v) {
 struct Row {
   int channels = 0;
   double bytes = 0, allreduce_us = 0, allgather_us = 0, combine_us = 0;
+  double call_blocking_us = 0, call_deadline_us = 0;  // syncbn_forward_training, see above
+};
+
+void check(syncbn_status_t s, const char* what) {
+  if (s != SYNCBN_SUCCESS) {
+    std::fprintf(stderr, "exchange_bench: %s: %s: %s\n", what, syncbn_status_string(s),
+                 syncbn_last_error());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+}
+
+// One training call of a plan of c channels whose only sample is on rank 0 (see the file
+// comment), over comm with the given deadline.
+class SyncbnCall {
+ public:
+  SyncbnCall(int c, int rank, double timeout_seconds) : c_(c), rank_(rank) {
+    check(syncbn_comm_create_mpi(MPI_COMM_WORLD, &comm_), "syncbn_comm_create_mpi");
+    check(syncbn_comm_set_timeout(comm_, timeout_seconds), "syncbn_comm_set_timeout");
+    syncbn_config_t config;
+    check(syncbn_config_init(&config, c, SYNCBN_FLOAT32), "syncbn_config_init");
+    config.affine = 0;
+    config.track_running_stats = 0;
+    check(syncbn_plan_create(comm_, &config, &plan_), "syncbn_plan_create");
+    x_.assign(static_cast<std::size_t>(c), 1.0f);
+    y_.assign(static_cast<std::size_t>(c), 0.0f);
+  }
+  ~SyncbnCall() {
+    syncbn_plan_destroy(plan_);
+    syncbn_comm_destroy(comm_);
+  }
+  SyncbnCall(const SyncbnCall&) = delete;
+  SyncbnCall& operator=(const SyncbnCall&) = delete;
+  void run() {
+    const std::int64_t shape[2] = {rank_ == 0 ? 1 : 0, c_};
+    check(syncbn_forward_training(plan_, 2, shape, x_.data(), nullptr, nullptr, y_.data(), nullptr,
+                                  nullptr, nullptr, nullptr, nullptr, nullptr),
+          "syncbn_forward_training");
+  }
+
+ private:
+  int c_, rank_;
+  syncbn_comm_t comm_ = nullptr;
+  syncbn_plan_t plan_ = nullptr;
+  std::vector<float> x_, y_;
 };
 
 // Least-squares line y = a + b x.
@@ -115,16 +173,23 @@ int main(int argc, char** argv) {
     const int n = 2 * c + kGuardDoubles;
     std::vector<double> buf(n), gathered(static_cast<std::size_t>(n) * size), sum(n);
     for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;
-    std::vector<double> t_ar, t_ag, t_comb;
+    std::vector<double> t_ar, t_ag, t_comb, t_blocking, t_deadline;
+    SyncbnCall blocking(c, rank, 0.0), deadline(c, rank, 600.0);
     for (int it = 0; it < warmup + iters; ++it) {
-      double local[3];
-      for (int k = 0; k < 2; ++k) {
-        const bool ar = (k == 0) == (it % 2 == 0);  // alternate which one goes first
+      double local[5];
+      for (int k = 0; k < 4; ++k) {
+        const int which = (k + it) % 4;  // rotate which one goes first
         MPI_Barrier(MPI_COMM_WORLD);
         const double a = MPI_Wtime();
-        if (ar) {
+        if (which == 0) {
           MPI_Allreduce(MPI_IN_PLACE, buf.data(), n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
           local[0] = MPI_Wtime() - a;
+        } else if (which == 2) {
+          blocking.run();
+          local[3] = MPI_Wtime() - a;
+        } else if (which == 3) {
+          deadline.run();
+          local[4] = MPI_Wtime() - a;
         } else {
           MPI_Allgather(buf.data(), n, MPI_DOUBLE, gathered.data(), n, MPI_DOUBLE,
                         MPI_COMM_WORLD);
@@ -139,15 +204,18 @@ int main(int argc, char** argv) {
         }
         for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;  // keep the values bounded
       }
-      double slowest[3];
-      MPI_Allreduce(local, slowest, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      double slowest[5];
+      MPI_Allreduce(local, slowest, 5, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
       if (it >= warmup) {
         t_ar.push_back(slowest[0] * 1e6);
         t_ag.push_back(slowest[1] * 1e6);
         t_comb.push_back(slowest[2] * 1e6);
+        t_blocking.push_back(slowest[3] * 1e6);
+        t_deadline.push_back(slowest[4] * 1e6);
       }
     }
-    rows.push_back({c, 8.0 * n, median(t_ar), median(t_ag), median(t_comb)});
+    rows.push_back({c, 8.0 * n, median(t_ar), median(t_ag), median(t_comb), median(t_blocking),
+                    median(t_deadline)});
   }
 
   std::vector<int> distinct = channels;
@@ -163,6 +231,16 @@ int main(int argc, char** argv) {
     for (const Row& r : rows) {
       std::printf("  %6d %10.0f %14.2f %14.2f %12.2f %14.2f\n", r.channels, r.bytes,
                   r.allreduce_us, r.allgather_us, r.combine_us, r.allgather_us / r.allreduce_us);
+    }
+    std::printf("# Deadlines: syncbn_forward_training (one allreduce of 2C + 18 doubles) with no "
+                "deadline and with 600 s, against MPI_Allreduce of the same buffer\n");
+    std::printf("# %6s %14s %16s %16s %14s %14s %12s\n", "C", "allreduce(us)", "no deadline(us)",
+                "deadline(us)", "deadline/ar", "deadline/none", "exchange/ar");
+    for (const Row& r : rows) {
+      std::printf("  %6d %14.2f %16.2f %16.2f %14.2f %14.2f %12.2f\n", r.channels, r.allreduce_us,
+                  r.call_blocking_us, r.call_deadline_us, r.call_deadline_us / r.allreduce_us,
+                  r.call_deadline_us / r.call_blocking_us,
+                  (r.allreduce_us + r.call_deadline_us - r.call_blocking_us) / r.allreduce_us);
     }
 
     if (!fit) {

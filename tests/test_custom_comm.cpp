@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -48,6 +49,9 @@ class ThreadGroup {
   int fault_from = 0;
   int fault_rank = 0;
   int split_fault_rank = -1;  // this rank's split function fails (after the split)
+  // > 0: a rank that waits longer than this for its peers gives up and returns
+  // SYNCBN_ERROR_TIMEOUT, as a transport with a deadline does (the group is unusable after).
+  double wait_limit_seconds = 0;
 
   int allreduce(int rank, double* buffer, size_t count) {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -56,6 +60,11 @@ class ThreadGroup {
     if (++arrived_ == size_) {
       draining_ = true;
       cv_.notify_all();
+    } else if (wait_limit_seconds > 0) {
+      if (!cv_.wait_for(lock, std::chrono::duration<double>(wait_limit_seconds),
+                        [&] { return draining_; })) {
+        return SYNCBN_ERROR_TIMEOUT;
+      }
     } else {
       cv_.wait(lock, [&] { return draining_; });
     }
@@ -72,7 +81,7 @@ class ThreadGroup {
       draining_ = false;
       cv_.notify_all();
     }
-    if (!sizes_agree) return 9;
+    if (!sizes_agree) return 19;
     if (faulty && fault == Fault::everywhere) return kFaultEverywhere;
     if (faulty && fault == Fault::one_rank_late && rank == fault_rank) return kFaultOneRank;
     return 0;
@@ -358,6 +367,10 @@ TEST(CustomFailures, TransportFailingEverywhere) {
     EXPECT_NE(std::string(syncbn_last_error()).find("custom allreduce returned 5"), std::string::npos)
         << syncbn_last_error();
     EXPECT_TRUE(call.unchanged()) << "rank " << rank;
+    // The transport failed: the communicator is broken, later calls fail at once.
+    EXPECT_EQ(call.forward(plan.get()), SYNCBN_ERROR_COMM_BROKEN) << "rank " << rank;
+    EXPECT_NE(std::string(syncbn_last_error()).find("the transport failed"), std::string::npos)
+        << syncbn_last_error();
   });
 }
 
@@ -382,6 +395,40 @@ TEST(CustomFailures, FailureReportedOnOneRank) {
     } else {
       EXPECT_EQ(s, SYNCBN_SUCCESS) << "rank " << rank << ": " << syncbn_last_error();
     }
+  });
+}
+
+// The deadline through the callback's return code: rank 1 leaves after plan creation, rank 0's
+// transport gives up and returns SYNCBN_ERROR_TIMEOUT. Rank 0 gets SYNCBN_ERROR_TIMEOUT naming
+// the plan and the call, nothing written, and from then on SYNCBN_ERROR_COMM_BROKEN at once.
+TEST(CustomFailures, TimeoutFromTheCallbackBreaksTheCommunicator) {
+  const int P = 2;
+  auto group = std::make_shared<ThreadGroup>(P);
+  group->wait_limit_seconds = 0.2;
+  on_threads(P, [&](int rank) {
+    CommHandle comm = member_comm(group, rank);
+    double timeout = -1;
+    EXPECT_EQ(syncbn_comm_get_timeout(comm.get(), &timeout), SYNCBN_SUCCESS);
+    EXPECT_EQ(timeout, 600.0);  // the default (SYNCBN_TIMEOUT_S is not set in this test)
+    EXPECT_EQ(syncbn_comm_set_timeout(comm.get(), 0.2), SYNCBN_SUCCESS);
+    EXPECT_EQ(syncbn_comm_set_timeout(comm.get(), -1.0), SYNCBN_ERROR_INVALID_ARGUMENT);
+    PlanHandle plan = make_plan(comm.get(), small_config());
+    if (rank == 1) return;  // leaves the loop
+    EXPECT_EQ(syncbn_plan_set_name(plan.get(), "head.bn"), SYNCBN_SUCCESS);
+    RankCall call(rank);
+    EXPECT_EQ(call.forward(plan.get()), SYNCBN_ERROR_TIMEOUT);
+    const std::string message = syncbn_last_error();
+    EXPECT_NE(message.find("plan 'head.bn': forward_training call #0: the custom allreduce"),
+              std::string::npos) << message;
+    EXPECT_NE(message.find("reported a timeout"), std::string::npos) << message;
+    EXPECT_TRUE(call.unchanged());
+    EXPECT_EQ(call.forward(plan.get()), SYNCBN_ERROR_COMM_BROKEN);
+    EXPECT_NE(std::string(syncbn_last_error()).find("plan 'head.bn': the communicator is broken"),
+              std::string::npos) << syncbn_last_error();
+    EXPECT_TRUE(call.unchanged());
+    syncbn_comm_t sub = nullptr;
+    EXPECT_EQ(syncbn_comm_split(comm.get(), 1, &sub), SYNCBN_ERROR_COMM_BROKEN);
+    EXPECT_EQ(syncbn_comm_abort(comm.get()), SYNCBN_SUCCESS);  // custom: nothing to end, returns
   });
 }
 

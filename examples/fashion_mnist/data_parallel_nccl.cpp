@@ -14,6 +14,11 @@ namespace syncbn_examples {
 namespace {
 
 void check_nccl(ncclResult_t rc, const std::string& call, ncclComm_t comm) {
+  // syncbn_nccl_comm_init_mpi makes a non-blocking communicator: a call may answer
+  // ncclInProgress until NCCL has settled it on the host.
+  while (rc == ncclInProgress && comm != nullptr) {
+    if (ncclCommGetAsyncError(comm, &rc) != ncclSuccess) break;
+  }
   if (rc == ncclSuccess) return;
   std::string message = call + " failed: " + ncclGetErrorString(rc);
 #if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)

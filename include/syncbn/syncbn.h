@@ -56,6 +56,16 @@
  * the fp32-rounded mean: dweight and the projection term of dx carry a relative error of about
  * 6e-8 * |mean| / std (as in cuDNN and PyTorch).
  *
+ * Deadlines. Every collective (communicator creation and split, plan creation, forward and
+ * backward training calls, syncbn_plan_reject_call) finishes or fails by the communicator's
+ * deadline: syncbn_comm_set_timeout, default 600 s or SYNCBN_TIMEOUT_S from the environment.
+ * When it passes, the call returns SYNCBN_ERROR_TIMEOUT on every rank that waited, writes
+ * nothing, and breaks the communicator: every later call on it and its plans returns
+ * SYNCBN_ERROR_COMM_BROKEN at once, and syncbn_comm_abort ends the job. So a rank that leaves
+ * the loop early, evaluates while the others train, stalls or dies costs its peers at most the
+ * deadline, never a hang. Over NCCL, forward and backward only enqueue; the host's wait for them
+ * is bounded where it happens (syncbn_plan_get_async_error).
+ *
  * Bitwise-identical running statistics across ranks rely on the allreduce returning the same
  * sums on every rank, as MPI advises and Open MPI and MPICH do.
  *
@@ -139,7 +149,17 @@ typedef enum syncbn_status {
   /* The communication backend failed (MPI returned an error). */
   SYNCBN_ERROR_COMM = 6,
   SYNCBN_ERROR_OUT_OF_MEMORY = 7,
-  SYNCBN_ERROR_INTERNAL = 8
+  SYNCBN_ERROR_INTERNAL = 8,
+  /* A collective did not complete by the communicator's deadline (syncbn_comm_set_timeout): a
+     peer left the loop, evaluates, stalls, or died. Returned on every rank that waited; the
+     message names the plan (syncbn_plan_set_name), the operation, its call number and the
+     seconds waited. Nothing was written, as for every failure. The communicator is then broken
+     (the abandoned collective can never complete). */
+  SYNCBN_ERROR_TIMEOUT = 9,
+  /* The communicator is broken: an earlier collective on it timed out or its transport failed.
+     Every later call on it, its plans and its subgroups returns this at once, with the first
+     failure in the message. Destroy them, or end the job with syncbn_comm_abort. */
+  SYNCBN_ERROR_COMM_BROKEN = 10
 } syncbn_status_t;
 
 typedef enum syncbn_dtype {
@@ -182,7 +202,8 @@ typedef struct syncbn_config {
 typedef struct syncbn_comm_s* syncbn_comm_t;
 typedef struct syncbn_plan_s* syncbn_plan_t;
 
-/* The name of a status code ("SYNCBN_ERROR_INVALID_ARGUMENT"). Never NULL. */
+/* The name of a status code ("SYNCBN_ERROR_INVALID_ARGUMENT"). Never NULL; an unknown value
+   gives "SYNCBN_ERROR_UNKNOWN_STATUS". */
 SYNCBN_API const char* syncbn_status_string(syncbn_status_t status);
 
 /* The message of the last failed call on this thread ("" if none). Valid until the next call
@@ -212,8 +233,11 @@ SYNCBN_API syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm);
      count   2C + 18 for forward and backward calls of a plan of C channels, fewer for plan
              creation and split (guard slots only)
      user_data  the pointer given to syncbn_comm_create_custom
-   Returns 0 on success. Any other value fails the syncbn call on this rank with
-   SYNCBN_ERROR_COMM, the value in the message. syncbn calls it from the thread that made the
+   Returns 0 on success. SYNCBN_ERROR_TIMEOUT (9) means the sum did not complete by the deadline
+   (syncbn_comm_get_timeout on the communicator; the function keeps it, e.g. with the timeout of
+   its transport's wait): the syncbn call then returns SYNCBN_ERROR_TIMEOUT. Any other value
+   fails the syncbn call on this rank with SYNCBN_ERROR_COMM, the value in the message. Either
+   failure breaks the communicator (SYNCBN_ERROR_COMM_BROKEN afterwards). syncbn calls it from the thread that made the
    syncbn call, once per collective, in the same order on every rank; it must not call syncbn
    functions on the same communicator. What the other ranks see when it fails is up to the
    transport: a callback that returns an error without taking part in the sum leaves its peers
@@ -262,6 +286,28 @@ SYNCBN_API syncbn_status_t syncbn_comm_create_custom(int rank, int size,
 SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size,
                                              syncbn_comm_t* sub);
 
+/* The deadline of every collective on comm and on the plans made on it, in seconds: a collective
+   that has not completed after this long returns SYNCBN_ERROR_TIMEOUT and breaks the
+   communicator (see SYNCBN_ERROR_TIMEOUT). 0 means no deadline (wait forever; over MPI the
+   blocking MPI_Allreduce). A new communicator's deadline is SYNCBN_TIMEOUT_S from the
+   environment when that is a number >= 0, else 600 (PyTorch's NCCL default); subgroups made by
+   syncbn_comm_split inherit their parent's. Not collective: set the same value on every rank.
+   Takes effect at the next collective. Custom communicators (syncbn_comm_create_custom) keep
+   the deadline in their allreduce function, which reads it with syncbn_comm_get_timeout and
+   returns SYNCBN_ERROR_TIMEOUT when it passes. Errors: SYNCBN_ERROR_INVALID_ARGUMENT (comm NULL,
+   seconds negative or not finite). */
+SYNCBN_API syncbn_status_t syncbn_comm_set_timeout(syncbn_comm_t comm, double seconds);
+SYNCBN_API syncbn_status_t syncbn_comm_get_timeout(syncbn_comm_t comm, double* seconds);
+
+/* Ends the job, for callers that want that after SYNCBN_ERROR_TIMEOUT or
+   SYNCBN_ERROR_COMM_BROKEN. MPI communicators: MPI_Abort on the library's duplicate, with error
+   code 1 (does not return; mpirun ends every rank). NCCL communicators: ncclCommAbort on the
+   NCCL communicator (which frees it: the caller must not use or destroy it again), then
+   returns. Self and custom communicators: nothing to end but this process's use of it; returns.
+   In every case that returns, the communicator is broken afterwards. Not collective.
+   Errors: SYNCBN_ERROR_INVALID_ARGUMENT (comm NULL). */
+SYNCBN_API syncbn_status_t syncbn_comm_abort(syncbn_comm_t comm);
+
 /* Releases the handle. Plans made on it keep the communicator alive until they are destroyed.
    The last release of an MPI communicator frees its duplicate with MPI_Comm_free, which MPI
    defines as collective: release communicators and plans in the same order on every rank.
@@ -291,6 +337,12 @@ SYNCBN_API syncbn_status_t syncbn_plan_create(syncbn_comm_t comm, const syncbn_c
    NULL is accepted. */
 SYNCBN_API syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan);
 
+/* Names the plan in every message of its calls ("plan 'layer3.bn2': forward_training call #17:
+   ..."), e.g. with the layer's name in the model. Not collective. name is copied (up to 255
+   bytes); NULL or "" removes the name (messages then say "plan #<serial>", the plan's creation
+   number on its communicator). Errors: SYNCBN_ERROR_INVALID_ARGUMENT (plan NULL). */
+SYNCBN_API syncbn_status_t syncbn_plan_set_name(syncbn_plan_t plan, const char* name);
+
 /* Copies the plan's configuration into *config. */
 SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* config);
 
@@ -299,8 +351,12 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_con
    clears it: SYNCBN_SUCCESS in *async_error if none, else the status (and syncbn_last_error()
    the message) that the failing call would have returned on the CPU. Only collective verdicts
    made on the device land here (NCCL communicators); errors the call itself returned do not.
-   On a CPU plan, *async_error is always SYNCBN_SUCCESS. Returns SYNCBN_ERROR_INVALID_ARGUMENT
-   (plan or async_error NULL) or SYNCBN_ERROR_INTERNAL (the CUDA runtime failed). */
+   On a CPU plan, *async_error is always SYNCBN_SUCCESS. Over NCCL the wait for stream is bounded
+   by the communicator's deadline: when it passes the NCCL communicator is aborted
+   (syncbn_nccl.h) and this returns SYNCBN_ERROR_TIMEOUT itself. Returns
+   SYNCBN_ERROR_INVALID_ARGUMENT (plan or async_error NULL), SYNCBN_ERROR_INTERNAL (the CUDA
+   runtime failed), SYNCBN_ERROR_TIMEOUT, SYNCBN_ERROR_COMM (NCCL's asynchronous error),
+   SYNCBN_ERROR_COMM_BROKEN. */
 SYNCBN_API syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void* stream,
                                                        syncbn_status_t* async_error);
 
@@ -320,7 +376,8 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void*
                   one on success when track_running_stats, ignored otherwise
      stream       must be NULL for CPU plans; a cudaStream_t for CUDA plans
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT, SYNCBN_ERROR_CALL_MISMATCH,
-   SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_OUT_OF_MEMORY, SYNCBN_ERROR_COMM. On error, y,
+   SYNCBN_ERROR_BATCH_TOO_SMALL, SYNCBN_ERROR_OUT_OF_MEMORY, SYNCBN_ERROR_COMM,
+   SYNCBN_ERROR_TIMEOUT, SYNCBN_ERROR_COMM_BROKEN. On error, y,
    save_*, running_* and num_batches_tracked are left as they were, on every rank. */
 SYNCBN_API syncbn_status_t syncbn_forward_training(
     syncbn_plan_t plan, int ndim, const int64_t* shape, const void* x, const void* weight,
@@ -338,7 +395,8 @@ SYNCBN_API syncbn_status_t syncbn_forward_training(
    rank's OWN batch statistics (mean and biased variance of x over its N * S values per
    channel), as torch.nn.BatchNorm and torch.nn.SyncBatchNorm do in eval mode; running_mean and
    running_var are ignored. An empty local tensor is a success with nothing to write. (Before
-   version 0.2 this case used the group's batch statistics and was collective.) */
+   version 0.2 this case used the group's batch statistics and was collective.) On a broken
+   communicator it fails with SYNCBN_ERROR_COMM_BROKEN like every call of the plan. */
 SYNCBN_API syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim,
                                                     const int64_t* shape, const void* x,
                                                     const void* weight, const void* bias,

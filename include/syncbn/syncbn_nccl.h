@@ -21,7 +21,17 @@ extern "C" {
    can be captured in a CUDA graph. The caller orders these collectives with its own NCCL calls
    on the same communicator, as NCCL requires (same order on every rank). Plan creation and
    syncbn_comm_split use an internal stream and do synchronize. syncbn_comm_split makes the
-   subgroups with ncclCommSplit (COLLECTIVE); the library owns and destroys those.
+   subgroups with ncclCommSplit (COLLECTIVE, non-blocking and polled); the library owns and
+   destroys those.
+   Deadlines: plan creation, syncbn_comm_split and syncbn_plan_get_async_error wait on the host
+   by the communicator's deadline (syncbn_comm_set_timeout), polling the stream and
+   ncclCommGetAsyncError. When the deadline passes, or NCCL reports an asynchronous error, the
+   library calls ncclCommAbort(nccl_comm), which ends the kernels still waiting for peers and
+   FREES nccl_comm: the call returns SYNCBN_ERROR_TIMEOUT (or SYNCBN_ERROR_COMM), the syncbn
+   communicator is broken, and the caller must not use or ncclCommDestroy nccl_comm again.
+   syncbn_comm_abort does the same on request. Forward and backward only enqueue, so they cannot
+   wait: their collectives are bounded where the host next waits for them
+   (syncbn_plan_get_async_error).
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm or comm NULL), SYNCBN_ERROR_COMM (NCCL
    failed to report rank or size), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL). */
 SYNCBN_API syncbn_status_t syncbn_comm_create_nccl(ncclComm_t nccl_comm, syncbn_comm_t* comm);

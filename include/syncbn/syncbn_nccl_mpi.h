@@ -20,14 +20,22 @@ extern "C" {
         this node); cudaSetDevice(local_rank % cudaGetDeviceCount) makes it current, so ranks
         beyond the node's GPU count share GPUs round-robin;
      2. rank 0 makes an ncclUniqueId and MPI_Bcast sends it to every rank;
-     3. ncclCommInitRank(nccl_comm, size, id, rank).
+     3. ncclCommInitRankConfig(nccl_comm, size, id, rank) with config.blocking = 0, polled with
+        ncclCommGetAsyncError until it is ready or fails.
    Before step 2 the ranks agree (MPI_Allreduce) that every rank found a GPU, so a rank without
-   one makes every rank fail instead of leaving the others in ncclCommInitRank. *nccl_comm is the
-   caller's: pass it to syncbn_comm_create_nccl and release it with ncclCommDestroy. local_rank
-   may be NULL. Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL,
-   MPI not initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank; the message names
-   the rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_NOT_SUPPORTED (built
-   without NCCL or MPI). */
+   one makes every rank fail instead of leaving the others in ncclCommInitRank; after step 3 they
+   agree that every rank's init succeeded. Every step is bounded by the default deadline
+   (SYNCBN_TIMEOUT_S, else 600 s; see syncbn_comm_set_timeout): MPI's collectives are
+   non-blocking and polled, and an NCCL init that has not completed by then is aborted
+   (ncclCommAbort), so a rank that fails or never arrives cannot leave its peers in NCCL's
+   bootstrap. *nccl_comm is the caller's: pass it to syncbn_comm_create_nccl and release it with
+   ncclCommDestroy. It is a NON-BLOCKING communicator: NCCL calls on it may return ncclInProgress,
+   after which ncclCommGetAsyncError says when the call has settled. local_rank may be NULL.
+   Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL, MPI not
+   initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank; the message names the
+   rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_TIMEOUT (a step did not complete
+   by the deadline, on the ranks that waited), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL or
+   MPI). */
 SYNCBN_API syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm,
                                                      int* local_rank);
 

@@ -23,18 +23,21 @@ class CustomCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
-  void allreduce_sum(double* buffer, std::size_t count) override {
-    call(buffer, count, SYNCBN_DEVICE_CPU, nullptr);
-  }
-
   // CUDA plans hand over the device buffer and the stream; the caller's function sums in
   // stream order, so the verdict is the device's, as over NCCL.
   DeviceBuffers device_buffers() const override { return DeviceBuffers::on_stream; }
-  void allreduce_sum_device(double* buffer, std::size_t count, void* stream) override {
+
+ protected:
+  // The deadline is the caller's to keep (syncbn_comm_get_timeout): its function returns
+  // SYNCBN_ERROR_TIMEOUT when the sum did not complete in time.
+  void allreduce_host(double* buffer, std::size_t count, Deadline) override {
+    call(buffer, count, SYNCBN_DEVICE_CPU, nullptr);
+  }
+  void allreduce_device(double* buffer, std::size_t count, void* stream, Deadline) override {
     call(buffer, count, SYNCBN_DEVICE_CUDA, stream);
   }
 
-  std::shared_ptr<Communicator> split_consecutive(int group_size) override {
+  std::shared_ptr<Communicator> split(int group_size, Deadline) override {
     if (split_ == nullptr) {
       core::fail(SYNCBN_ERROR_NOT_SUPPORTED,
                  "a custom communicator without a split function cannot split");
@@ -51,7 +54,15 @@ class CustomCommunicator final : public Communicator {
 
  private:
   void call(double* buffer, std::size_t count, syncbn_device_t device, void* stream) {
+    const double start = now_seconds();
     const int code = allreduce_(buffer, count, device, stream, user_data_);
+    if (code == SYNCBN_ERROR_TIMEOUT) {
+      core::fail(SYNCBN_ERROR_TIMEOUT,
+                 "the custom allreduce of " + std::to_string(count) + " doubles over " +
+                     std::to_string(size_) + " ranks (rank " + std::to_string(rank_) +
+                     ") reported a timeout (deadline " + format_seconds(timeout_seconds()) +
+                     ", waited " + format_seconds(now_seconds() - start) + ")");
+    }
     if (code != 0) {
       core::fail(SYNCBN_ERROR_COMM, "the custom allreduce returned " + std::to_string(code) +
                                         " (rank " + std::to_string(rank_) + ")");

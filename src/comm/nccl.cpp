@@ -12,19 +12,34 @@
 namespace syncbn::comm {
 namespace {
 
-// A non-blocking communicator may answer ncclInProgress: wait (on the host, for NCCL's own
-// enqueueing, not for the GPU) until the call settles, as NCCL requires before the next call.
-void check_nccl(ncclResult_t r, ncclComm_t comm, const char* what) {
-  while (r == ncclInProgress && comm != nullptr) {
-    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
-  }
-  if (r == ncclSuccess) return;
+std::string nccl_detail(ncclResult_t r, ncclComm_t comm) {
   std::string detail = ncclGetErrorString(r);
   if (comm != nullptr) {
     const char* last = ncclGetLastError(comm);
     if (last != nullptr && *last != '\0') detail += std::string(" (") + last + ")";
   }
-  core::fail(SYNCBN_ERROR_COMM, std::string(what) + " failed: " + detail);
+  return detail;
+}
+
+// A non-blocking communicator may answer ncclInProgress: poll ncclCommGetAsyncError (on the
+// host, for NCCL's own enqueueing or connection setup, not for the GPU) until the call settles,
+// as NCCL requires before the next call, or until the deadline, when the communicator is
+// aborted (*aborted set) and Failure(SYNCBN_ERROR_TIMEOUT) thrown.
+void settle_nccl(ncclResult_t r, ncclComm_t comm, const char* what, Deadline deadline,
+                 bool* aborted) {
+  const double start = now_seconds();
+  while (r == ncclInProgress && comm != nullptr) {
+    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
+    if (r == ncclInProgress && !deadline.none() && now_seconds() - start >= deadline.seconds) {
+      ncclCommAbort(comm);
+      if (aborted != nullptr) *aborted = true;
+      core::fail(SYNCBN_ERROR_TIMEOUT, std::string(what) + " did not complete within " +
+                                           format_seconds(deadline.seconds) +
+                                           "; the NCCL communicator was aborted (ncclCommAbort)");
+    }
+  }
+  if (r == ncclSuccess) return;
+  core::fail(SYNCBN_ERROR_COMM, std::string(what) + " failed: " + nccl_detail(r, comm));
 }
 
 void check_cuda(cudaError_t e, const char* what) {
@@ -37,9 +52,9 @@ void check_cuda(cudaError_t e, const char* what) {
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(ncclComm_t comm, bool owned) : comm_(comm), owned_(owned) {
-    check_nccl(ncclCommUserRank(comm_, &rank_), comm_, "ncclCommUserRank");
-    check_nccl(ncclCommCount(comm_, &size_), comm_, "ncclCommCount");
-    check_nccl(ncclCommCuDevice(comm_, &device_), comm_, "ncclCommCuDevice");
+    settle_nccl(ncclCommUserRank(comm_, &rank_), comm_, "ncclCommUserRank", {}, nullptr);
+    settle_nccl(ncclCommCount(comm_, &size_), comm_, "ncclCommCount", {}, nullptr);
+    settle_nccl(ncclCommCuDevice(comm_, &device_), comm_, "ncclCommCuDevice", {}, nullptr);
   }
   ~NcclCommunicator() override {
     int current = -1;
@@ -47,7 +62,7 @@ class NcclCommunicator final : public Communicator {
     cudaSetDevice(device_);
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
-    if (owned_) ncclCommDestroy(comm_);
+    if (owned_ && !aborted_) ncclCommDestroy(comm_);
     if (current >= 0) cudaSetDevice(current);
   }
   NcclCommunicator(const NcclCommunicator&) = delete;
@@ -58,8 +73,10 @@ class NcclCommunicator final : public Communicator {
   DeviceBuffers device_buffers() const override { return DeviceBuffers::on_stream; }
   int device() const override { return device_; }
 
-  // Host buffers (plan creation, split): through device scratch on an internal stream.
-  void allreduce_sum(double* buffer, std::size_t count) override {
+ protected:
+  // Host buffers (plan creation, split): through device scratch on an internal stream, waited
+  // for against the deadline.
+  void allreduce_host(double* buffer, std::size_t count, Deadline deadline) override {
     int current = -1;
     check_cuda(cudaGetDevice(&current), "cudaGetDevice");
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
@@ -80,30 +97,70 @@ class NcclCommunicator final : public Communicator {
     const std::size_t bytes = count * sizeof(double);
     check_cuda(cudaMemcpyAsync(scratch_, buffer, bytes, cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync");
-    allreduce_sum_device(scratch_, count, stream_);
+    allreduce_device(scratch_, count, stream_, deadline);
     check_cuda(cudaMemcpyAsync(buffer, scratch_, bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    wait_device_stream(stream_, deadline);
   }
 
-  void allreduce_sum_device(double* buffer, std::size_t count, void* stream) override {
-    check_nccl(ncclAllReduce(buffer, buffer, count, ncclDouble, ncclSum, comm_,
-                             static_cast<cudaStream_t>(stream)),
-               comm_, "ncclAllReduce");
+  void allreduce_device(double* buffer, std::size_t count, void* stream,
+                        Deadline deadline) override {
+    settle_nccl(ncclAllReduce(buffer, buffer, count, ncclDouble, ncclSum, comm_,
+                              static_cast<cudaStream_t>(stream)),
+                comm_, "ncclAllReduce", deadline, &aborted_);
   }
 
-  std::shared_ptr<Communicator> split_consecutive(int group_size) override {
+  // Polls the stream and the communicator's asynchronous error; on expiry aborts the
+  // communicator, which ends its kernels still waiting for peers, so the stream drains.
+  void wait_device_stream(void* stream, Deadline deadline) override {
+    const auto s = static_cast<cudaStream_t>(stream);
+    const double start = now_seconds();
+    for (;;) {
+      const cudaError_t q = cudaStreamQuery(s);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) check_cuda(q, "cudaStreamQuery");
+      ncclResult_t async = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess &&
+          async != ncclInProgress) {
+        ncclCommAbort(comm_);
+        aborted_ = true;
+        core::fail(SYNCBN_ERROR_COMM, "NCCL reported an asynchronous error: " +
+                                          nccl_detail(async, nullptr) +
+                                          "; the NCCL communicator was aborted (ncclCommAbort)");
+      }
+      const double waited = now_seconds() - start;
+      if (!deadline.none() && waited >= deadline.seconds) {
+        ncclCommAbort(comm_);
+        aborted_ = true;
+        core::fail(SYNCBN_ERROR_TIMEOUT,
+                   "the stream's NCCL collectives over " + std::to_string(size_) + " ranks (rank " +
+                       std::to_string(rank_) + ") did not complete within " +
+                       format_seconds(deadline.seconds) +
+                       "; the NCCL communicator was aborted (ncclCommAbort)");
+      }
+    }
+  }
+
+  // The subgroup is the library's: non-blocking, settled against the deadline.
+  std::shared_ptr<Communicator> split(int group_size, Deadline deadline) override {
     ncclComm_t sub = nullptr;
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = 1;  // the subgroup is the library's: blocking, whatever the parent is
-    check_nccl(ncclCommSplit(comm_, rank_ / group_size, rank_, &sub, &config), comm_,
-               "ncclCommSplit");
+    config.blocking = 0;
+    const ncclResult_t r = ncclCommSplit(comm_, rank_ / group_size, rank_, &sub, &config);
+    settle_nccl(r, comm_, "ncclCommSplit", deadline, &aborted_);
+    if (sub != nullptr) settle_nccl(ncclInProgress, sub, "ncclCommSplit (new communicator)", deadline, nullptr);
     return std::make_shared<NcclCommunicator>(sub, true);
+  }
+
+  void abort_backend() override {
+    if (!aborted_) ncclCommAbort(comm_);
+    aborted_ = true;
   }
 
  private:
   ncclComm_t comm_;
   bool owned_;
+  bool aborted_ = false;  // ncclCommAbort freed comm_
   int rank_ = 0;
   int size_ = 1;
   int device_ = 0;

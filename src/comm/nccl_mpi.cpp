@@ -1,4 +1,8 @@
 // syncbn_nccl_comm_init_mpi: an NCCL communicator bootstrapped over MPI, one GPU per local rank.
+// Every step is bounded by the default deadline (SYNCBN_TIMEOUT_S): MPI's collectives are
+// non-blocking and polled, and NCCL's init is non-blocking (config.blocking = 0) and polled with
+// ncclCommGetAsyncError, so that a rank whose ncclCommInitRank fails, or that never gets there,
+// cannot leave the others in NCCL's bootstrap.
 #include <cuda_runtime.h>
 #include <mpi.h>
 #include <nccl.h>
@@ -7,27 +11,23 @@
 #include <cstring>
 #include <string>
 
+#include "comm/mpi.hpp"
 #include "comm/nccl.hpp"
 #include "core/error.hpp"
 
 namespace syncbn::comm {
 namespace {
 
-void check_mpi(int code, const char* what) {
-  if (code != MPI_SUCCESS) {
-    char text[MPI_MAX_ERROR_STRING];
-    int length = 0;
-    MPI_Error_string(code, text, &length);
-    core::fail(SYNCBN_ERROR_COMM, std::string(what) + " failed: " + std::string(text, length));
-  }
-}
-
-// The lowest rank for which ok is false, or -1 if none (COLLECTIVE).
-int first_failing(bool ok, int rank, int size, MPI_Comm comm) {
-  int mine = ok ? size : rank;
-  int first = size;
-  check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
-  return first < size ? first : -1;
+// The lowest rank for which ok is false, or -1 if none (COLLECTIVE, by the deadline).
+int first_failing(bool ok, int rank, int size, MPI_Comm comm, Deadline deadline) {
+  auto mine = std::make_shared<int[]>(2);  // [mine, first]: MPI may write it after a timeout
+  mine[0] = ok ? size : rank;
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Iallreduce(&mine[0], &mine[1], 1, MPI_INT, MPI_MIN, comm, &request),
+            "MPI_Iallreduce");
+  mpi_wait(&request, deadline, "syncbn_nccl_comm_init_mpi: MPI_Iallreduce (rank " +
+                                   std::to_string(rank) + ")", mine);
+  return mine[1] < size ? mine[1] : -1;
 }
 
 }  // namespace
@@ -40,6 +40,7 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
     core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm: MPI is not initialized (or finalized)");
   }
   if (mpi_comm == MPI_COMM_NULL) core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm is MPI_COMM_NULL");
+  const Deadline deadline{default_timeout_seconds()};
   int rank = 0, size = 1;
   check_mpi(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(mpi_comm, &size), "MPI_Comm_size");
@@ -65,26 +66,46 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
       why = std::string("device: cudaSetDevice failed: ") + cudaGetErrorString(e);
     }
   }
-  if (const int bad = first_failing(ok, rank, size, mpi_comm); bad >= 0) {
+  if (const int bad = first_failing(ok, rank, size, mpi_comm, deadline); bad >= 0) {
     core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
                "rank " + std::to_string(bad) + ": " +
                    (bad == rank ? why : std::string("no usable CUDA device or nccl_comm null")));
   }
 
   // 2. The unique id, from rank 0 to every rank, with rank 0's success.
-  struct {
+  struct Root {
     int ok;
     ncclUniqueId id;
-  } root{};
-  if (rank == 0) root.ok = ncclGetUniqueId(&root.id) == ncclSuccess ? 1 : 0;
-  check_mpi(MPI_Bcast(&root, static_cast<int>(sizeof root), MPI_BYTE, 0, mpi_comm), "MPI_Bcast");
-  if (!root.ok) core::fail(SYNCBN_ERROR_COMM, "rank 0: ncclGetUniqueId failed");
+  };
+  auto root = std::make_shared<Root>();  // MPI may write it after a timeout
+  if (rank == 0) root->ok = ncclGetUniqueId(&root->id) == ncclSuccess ? 1 : 0;
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Ibcast(root.get(), static_cast<int>(sizeof(Root)), MPI_BYTE, 0, mpi_comm, &request),
+            "MPI_Ibcast");
+  mpi_wait(&request, deadline,
+           "syncbn_nccl_comm_init_mpi: MPI_Ibcast of the unique id (rank " + std::to_string(rank) + ")",
+           root);
+  if (!root->ok) core::fail(SYNCBN_ERROR_COMM, "rank 0: ncclGetUniqueId failed");
 
-  // 3. The communicator.
+  // 3. The communicator, non-blocking: polled until it is ready, fails, or the deadline passes
+  // (then aborted, so that NCCL's bootstrap threads stop waiting for the missing peers).
   ncclComm_t comm = nullptr;
-  const ncclResult_t r = ncclCommInitRank(&comm, size, root.id, rank);
-  if (first_failing(r == ncclSuccess, rank, size, mpi_comm) >= 0) {
-    if (comm != nullptr) ncclCommDestroy(comm);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclResult_t r = ncclCommInitRankConfig(&comm, size, root->id, rank, &config);
+  const double start = now_seconds();
+  while (r == ncclInProgress && comm != nullptr) {
+    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
+    if (r == ncclInProgress && !deadline.none() && now_seconds() - start >= deadline.seconds) {
+      ncclCommAbort(comm);
+      core::fail(SYNCBN_ERROR_TIMEOUT,
+                 "syncbn_nccl_comm_init_mpi: ncclCommInitRankConfig over " + std::to_string(size) +
+                     " ranks (rank " + std::to_string(rank) + ") did not complete within " +
+                     format_seconds(deadline.seconds) + "; aborted");
+    }
+  }
+  if (first_failing(r == ncclSuccess, rank, size, mpi_comm, deadline) >= 0) {
+    if (comm != nullptr) ncclCommAbort(comm);
     core::fail(SYNCBN_ERROR_COMM, std::string("ncclCommInitRank failed") +
                                       (r != ncclSuccess ? std::string(": ") + ncclGetErrorString(r)
                                                         : std::string(" on another rank")));

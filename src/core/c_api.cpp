@@ -1,5 +1,7 @@
 // The C API: handles, argument plumbing and the translation of internal failures into status
 // codes and the per-thread last-error message. No logic of its own beyond that.
+#include <cmath>
+#include <cstring>
 #include <new>
 #include <string>
 #include <utility>
@@ -72,6 +74,17 @@ auto& checked(H handle, const char* name) {
   return *handle->impl;
 }
 
+// A call on a plan: with a name set, every message of the call starts with it.
+template <class F>
+void on_plan(syncbn_plan_t plan, F&& body) {
+  auto& p = checked(plan, "plan");
+  if (p.name().empty()) {
+    body(p);
+    return;
+  }
+  syncbn::core::with_context(p.label(), [&] { body(p); });
+}
+
 template <class H>
 void require_out(H* out, const char* name) {
   if (out == nullptr) {
@@ -94,6 +107,8 @@ const char* syncbn_status_string(syncbn_status_t status) {
     case SYNCBN_ERROR_COMM: return "SYNCBN_ERROR_COMM";
     case SYNCBN_ERROR_OUT_OF_MEMORY: return "SYNCBN_ERROR_OUT_OF_MEMORY";
     case SYNCBN_ERROR_INTERNAL: return "SYNCBN_ERROR_INTERNAL";
+    case SYNCBN_ERROR_TIMEOUT: return "SYNCBN_ERROR_TIMEOUT";
+    case SYNCBN_ERROR_COMM_BROKEN: return "SYNCBN_ERROR_COMM_BROKEN";
   }
   return "SYNCBN_ERROR_UNKNOWN_STATUS";
 }
@@ -180,6 +195,30 @@ syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size, syncbn_c
   });
 }
 
+syncbn_status_t syncbn_comm_set_timeout(syncbn_comm_t comm, double seconds) {
+  return guarded([&] {
+    auto& c = checked(comm, "comm");
+    if (!(seconds >= 0.0) || std::isinf(seconds)) {
+      syncbn::core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
+                         "seconds must be >= 0 and finite (0: no deadline), got " +
+                             std::to_string(seconds));
+    }
+    c.set_timeout_seconds(seconds);
+  });
+}
+
+syncbn_status_t syncbn_comm_get_timeout(syncbn_comm_t comm, double* seconds) {
+  return guarded([&] {
+    auto& c = checked(comm, "comm");
+    require_out(seconds, "seconds");
+    *seconds = c.timeout_seconds();
+  });
+}
+
+syncbn_status_t syncbn_comm_abort(syncbn_comm_t comm) {
+  return guarded([&] { checked(comm, "comm").abort(); });
+}
+
 syncbn_status_t syncbn_comm_destroy(syncbn_comm_t comm) {
   return guarded([&] { delete comm; });
 }
@@ -215,6 +254,14 @@ syncbn_status_t syncbn_plan_destroy(syncbn_plan_t plan) {
   return guarded([&] { delete plan; });
 }
 
+syncbn_status_t syncbn_plan_set_name(syncbn_plan_t plan, const char* name) {
+  return guarded([&] {
+    auto& p = checked(plan, "plan");
+    constexpr std::size_t kMaxName = 255;
+    p.set_name(name == nullptr ? std::string() : std::string(name, strnlen(name, kMaxName)));
+  });
+}
+
 syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* config) {
   return guarded([&] {
     auto& p = checked(plan, "plan");
@@ -226,10 +273,9 @@ syncbn_status_t syncbn_plan_get_config(syncbn_plan_t plan, syncbn_config_t* conf
 syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void* stream,
                                             syncbn_status_t* async_error) {
   return guarded([&] {
-    auto& p = checked(plan, "plan");
     require_out(async_error, "async_error");
     *async_error = SYNCBN_SUCCESS;
-    *async_error = p.async_error(stream);
+    on_plan(plan, [&](syncbn::core::Plan& p) { *async_error = p.async_error(stream); });
   });
 }
 
@@ -239,9 +285,10 @@ syncbn_status_t syncbn_forward_training(syncbn_plan_t plan, int ndim, const int6
                                         void* running_mean, void* running_var,
                                         int64_t* num_batches_tracked, void* stream) {
   return guarded([&] {
-    checked(plan, "plan").forward_training({{ndim, shape}, x, weight, bias, y, save_mean,
-                                            save_invstd, running_mean, running_var,
-                                            num_batches_tracked, stream});
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      p.forward_training({{ndim, shape}, x, weight, bias, y, save_mean, save_invstd, running_mean,
+                          running_var, num_batches_tracked, stream});
+    });
   });
 }
 
@@ -254,7 +301,7 @@ syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim, const int
     args.running_mean = const_cast<void*>(running_mean);  // read only in inference
     args.running_var = const_cast<void*>(running_var);
     args.stream = stream;
-    checked(plan, "plan").forward_inference(args);
+    on_plan(plan, [&](syncbn::core::Plan& p) { p.forward_inference(args); });
   });
 }
 
@@ -263,8 +310,9 @@ syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* sha
                                 const void* save_mean, const void* save_invstd, void* dx,
                                 void* dweight, void* dbias, void* stream) {
   return guarded([&] {
-    checked(plan, "plan").backward({{ndim, shape}, x, dy, weight, save_mean, save_invstd, dx,
-                                    dweight, dbias, stream});
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      p.backward({{ndim, shape}, x, dy, weight, save_mean, save_invstd, dx, dweight, dbias, stream});
+    });
   });
 }
 
@@ -272,7 +320,7 @@ syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,
                                         const char* argument, syncbn_problem_t problem,
                                         const char* detail, void* stream) {
   return guarded([&] {
-    auto& p = checked(plan, "plan");
+    checked(plan, "plan");
     using syncbn::core::Op;
     using syncbn::core::Problem;
     Op op = Op::forward_training;
@@ -291,7 +339,9 @@ syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,
       case SYNCBN_PROBLEM_LAYOUT: what = Problem::wrong_layout; break;
       case SYNCBN_PROBLEM_SHAPE: what = Problem::wrong_shape; break;
     }
-    p.reject_call(op, {syncbn::core::arg_from_name(argument), what, detail ? detail : ""}, stream);
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      p.reject_call(op, {syncbn::core::arg_from_name(argument), what, detail ? detail : ""}, stream);
+    });
   });
 }
 

@@ -28,6 +28,16 @@ class Failure : public std::runtime_error {
   throw Failure(status, message);
 }
 
+// Runs body; a Failure it throws is thrown again with "<context>: " before its message.
+template <class F>
+void with_context(const std::string& context, F&& body) {
+  try {
+    body();
+  } catch (const Failure& f) {
+    fail(f.status(), context + ": " + f.what());
+  }
+}
+
 // The C API's last-error message for this thread.
 void set_last_error(const std::string& message);
 void clear_last_error();

@@ -146,7 +146,8 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
 
   std::uint64_t fields[kConfigFields];
   config_fields(c, fields);
-  std::uint64_t tag = mix(comm->next_plan_serial());
+  const std::uint32_t serial = comm->next_plan_serial();
+  std::uint64_t tag = mix(serial);
   for (std::uint64_t f : fields) tag = mix(tag ^ f);
 
   // Allocate before the collective: a rank that runs out of memory must say so in it.
@@ -154,7 +155,7 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
   require(err, !out_of_memory, Arg::memory, Problem::out_of_memory);
   if (!err) {
     try {
-      plan.reset(new Plan(comm, c, tag));
+      plan.reset(new Plan(comm, c, tag, serial));
     } catch (const std::bad_alloc&) {
       err = {Arg::memory, Problem::out_of_memory, {}};
     }
@@ -168,7 +169,7 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
   for (int i = 0; i < kConfigFields; ++i) {
     put_agree48(buffer + kErrorSlots + i * kAgree48Slots, fields[i]);
   }
-  comm->allreduce_sum(buffer, sizeof buffer / sizeof buffer[0]);
+  with_context("syncbn_plan_create", [&] { comm->allreduce_sum(buffer, sizeof buffer / sizeof buffer[0]); });
 
   check_error_record(buffer, comm->size(), comm->rank(), err);
   for (int i = 0; i < kConfigFields; ++i) {
@@ -184,9 +185,13 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
 
 Plan::~Plan() = default;
 
+std::string Plan::label() const {
+  return name_.empty() ? "plan #" + std::to_string(serial_) : "plan '" + name_ + "'";
+}
+
 Plan::Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-           std::uint64_t tag)
-    : comm_(std::move(comm)), config_(config), tag_(tag) {
+           std::uint64_t tag, std::uint32_t serial)
+    : comm_(std::move(comm)), config_(config), tag_(tag), serial_(serial) {
   if (config_.device == SYNCBN_DEVICE_CUDA) return;  // init_cuda allocates on the device
   const auto C = static_cast<std::size_t>(config_.num_features);
   buffer_.assign(kGuardSlots + 2 * C + 1, 0.0);
@@ -290,7 +295,7 @@ void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op) {
   }
   const Fingerprint fp = next_fingerprint(op);
   put_guards(buffer_.data(), comm_->rank(), mine, fp);
-  comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots);
+  collective_call(fp, [&] { comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots); });
   check_guards(buffer_.data(), comm_->size(), comm_->rank(), mine, fp);
 }
 
@@ -456,6 +461,7 @@ void Plan::backward_typed(const BackwardArgs& a) {
 #endif
 
 void Plan::forward_training(const ForwardArgs& args) {
+  comm_->check_usable();
   SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_training))
   if (config_.dtype == SYNCBN_FLOAT64) {
     forward_batch_stats<double>(args, Op::forward_training);
@@ -465,6 +471,7 @@ void Plan::forward_training(const ForwardArgs& args) {
 }
 
 void Plan::forward_inference(const ForwardArgs& args) {
+  comm_->check_usable();
   const bool f64 = config_.dtype == SYNCBN_FLOAT64;
   if (args.rejected) fail_local(comm_->rank(), *args.rejected);  // never collective
   if (!config_.track_running_stats) {
@@ -486,6 +493,7 @@ void Plan::forward_inference(const ForwardArgs& args) {
 }
 
 void Plan::backward(const BackwardArgs& args) {
+  comm_->check_usable();
   SYNCBN_ON_CUDA(cuda_backward(args))
   if (config_.dtype == SYNCBN_FLOAT64) {
     backward_typed<double>(args);

@@ -7,9 +7,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.hpp"
+#include "core/error.hpp"
 #include "core/guard.hpp"
 #include "cpu/kernels.hpp"
 #include "syncbn/syncbn.h"
@@ -74,6 +77,12 @@ class Plan {
 
   const syncbn_config_t& config() const { return config_; }
 
+  // The caller's name for the plan ("" if none), shown in its messages; the label messages use:
+  // "plan 'name'", or "plan #serial" without a name.
+  void set_name(std::string name) { name_ = std::move(name); }
+  const std::string& name() const { return name_; }
+  std::string label() const;
+
   // COLLECTIVE. Batch statistics over the group; running statistics updated on success.
   void forward_training(const ForwardArgs& args);
   // Local: running statistics when track_running_stats, else this rank's batch statistics.
@@ -89,7 +98,12 @@ class Plan {
 
  private:
   Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-       std::uint64_t tag);
+       std::uint64_t tag, std::uint32_t serial);
+
+  // Runs a collective of the call fp (comm_'s allreduce); its timeout or transport failure is
+  // thrown again naming the call ("forward_training call #17", after the label when the plan
+  // has no name: the C API puts a name first) and saying that the communicator is now broken.
+  template <class F> void collective_call(const Fingerprint& fp, F&& body);
 
   // Batch statistics of the group (op forward_training), or of this rank alone without any
   // communication (op forward_inference: no fingerprint is drawn, the sequence stays).
@@ -134,6 +148,8 @@ class Plan {
   std::shared_ptr<comm::Communicator> comm_;
   syncbn_config_t config_;
   std::uint64_t tag_;      // plan fingerprint: creation serial and config, 48 bits used
+  std::uint32_t serial_;   // creation number on the communicator
+  std::string name_;
   std::uint64_t seq_ = 0;  // collective calls made on this plan
   std::vector<double> buffer_;     // [guard slots | data (2C + 1)]
   std::vector<double> local_;      // this rank's sums, kept across the allreduce (2C)
@@ -142,6 +158,21 @@ class Plan {
   cpu::Workspace workspace_;
   std::unique_ptr<DeviceResources> device_;  // CUDA plans
 };
+
+template <class F>
+void Plan::collective_call(const Fingerprint& fp, F&& body) {
+  try {
+    body();
+  } catch (const Failure& f) {
+    if (f.status() != SYNCBN_ERROR_TIMEOUT && f.status() != SYNCBN_ERROR_COMM) throw;
+    static const char* const op_names[] = {"?", "forward_training", "forward_inference",
+                                           "backward"};
+    fail(f.status(), (name_.empty() ? label() + " " : std::string()) +
+                         op_names[static_cast<int>(fp.op) & 3] + " call #" +
+                         std::to_string(fp.seq) + ": " + f.what() +
+                         "; the communicator is now broken (SYNCBN_ERROR_COMM_BROKEN from here on)");
+  }
+}
 
 // The rank's own error, raised on this rank only ("rank 2: weight is null").
 [[noreturn]] void fail_local(int rank, const ArgError& err);

@@ -190,9 +190,10 @@ void reduce_or_guards(CudaResources& res, int rank, ArgError& err, const Fingerp
 
 // Sums [guards | data_slots] over the group (see the file comment). Throws the verdict where the
 // host can reach it; for NCCL only this rank's own error.
+template <class Collective>
 void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t data_slots,
                      const cuda::GuardWrite& gw, const ArgError& mine, const Fingerprint& fp,
-                     bool track, void* stream) {
+                     bool track, void* stream, Collective&& collective_call) {
   const std::size_t n = kGuardSlots + data_slots;
   const std::size_t bytes = n * sizeof(double);
   double* const dbuf = res.state.buffer;
@@ -215,7 +216,7 @@ void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t d
         std::fill(res.staging, res.staging + n, 0.0);
         put_guards(res.staging, comm.rank(), own, fp);
       }
-      comm.allreduce_sum(res.staging, n);
+      collective_call([&] { comm.allreduce_sum(res.staging, n); });
       check_guards(res.staging, comm.size(), comm.rank(), own, fp);
       check_batch_count(res.staging[n - 1], track);
       check_cuda(cudaMemcpyAsync(dbuf, res.staging, bytes, cudaMemcpyHostToDevice, as_stream(stream)),
@@ -224,7 +225,7 @@ void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t d
     }
     case comm::DeviceBuffers::after_sync:
       check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
-      comm.allreduce_sum_device(dbuf, n, stream);
+      collective_call([&] { comm.allreduce_sum_device(dbuf, n, stream); });
       check_cuda(cudaMemcpy(host, dbuf, sizeof(double) * kGuardSlots, cudaMemcpyDeviceToHost),
                  "cudaMemcpy (guards to host)");
       check_cuda(cudaMemcpy(host + kGuardSlots, dbuf + n - 1, sizeof(double), cudaMemcpyDeviceToHost),
@@ -233,7 +234,7 @@ void exchange_device(comm::Communicator& comm, CudaResources& res, std::size_t d
       check_batch_count(host[kGuardSlots], track);
       return;
     case comm::DeviceBuffers::on_stream:
-      comm.allreduce_sum_device(dbuf, n, stream);
+      collective_call([&] { comm.allreduce_sum_device(dbuf, n, stream); });
       if (mine) fail_local(comm.rank(), mine);
       return;
   }
@@ -263,7 +264,10 @@ void Plan::cuda_forward_batch_stats(const ForwardArgs& a, Op op) {
   reduce_or_guards(res, comm_->rank(), err, fp, gw, false, stream,
                    [&] { cuda::reduce_moments(res.state, g, a.x, gw, stream); });
   if (err) count = 0;
-  if (group) exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, track, stream);
+  if (group) {
+    exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, track, stream,
+                    [&](auto&& body) { collective_call(fp, body); });
+  }
   if (!group && err) fail_local(comm_->rank(), err);  // the reduction could not be launched
 
   cuda::ForwardFinalize f{};
@@ -317,7 +321,8 @@ void Plan::cuda_backward(const BackwardArgs& a) {
     cuda::reduce_grad(res.state, g, a.x, a.dy, a.save_mean, keep_local, gw, stream);
   });
   if (err) count = 0;
-  exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, false, stream);
+  exchange_device(*comm_, res, 2 * C + 1, gw, err, fp, false, stream,
+                  [&](auto&& body) { collective_call(fp, body); });
 
   cuda::BackwardFinalize f{};
   f.group_size = comm_->size();
@@ -336,7 +341,13 @@ void Plan::cuda_backward(const BackwardArgs& a) {
 syncbn_status_t Plan::cuda_async_error(void* stream) {
   CudaResources& res = resources(device_);
   DeviceSwitch on(res.device);
-  check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+  comm_->check_usable();
+  if (comm_->device() >= 0) {
+    // NCCL: the stream holds this plan's collectives; wait for them by the deadline.
+    with_context((name().empty() ? label() + " " : std::string()) + "syncbn_plan_get_async_error", [&] { comm_->wait_stream(stream); });
+  } else {
+    check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+  }
   cuda::AsyncRecord record;
   check_cuda(cudaMemcpy(&record, res.state.record, sizeof record, cudaMemcpyDeviceToHost),
              "cudaMemcpy (async record)");

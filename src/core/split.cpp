@@ -21,7 +21,7 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
   double slots[kErrorSlots + kAgree48Slots];
   put_error_record(slots, parent.rank(), err);
   put_agree48(slots + kErrorSlots, static_cast<std::uint64_t>(static_cast<std::uint32_t>(group_size)));
-  parent.allreduce_sum(slots, kErrorSlots + kAgree48Slots);
+  with_context("syncbn_comm_split", [&] { parent.allreduce_sum(slots, kErrorSlots + kAgree48Slots); });
   check_error_record(slots, parent.size(), parent.rank(), err);
   if (!agreed48(slots + kErrorSlots, parent.size())) {
     fail(SYNCBN_ERROR_INVALID_ARGUMENT, "group_size differs across ranks (rank " +
@@ -36,6 +36,8 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
   try {
     group = parent.split_consecutive(group_size);
   } catch (const Failure& f) {
+    // A timeout broke the parent: there is no group left to agree with.
+    if (f.status() == SYNCBN_ERROR_TIMEOUT || f.status() == SYNCBN_ERROR_COMM_BROKEN) throw;
     outcome = {Arg::sub,
                f.status() == SYNCBN_ERROR_NOT_SUPPORTED ? Problem::cannot_split : Problem::comm_failed,
                f.what()};
@@ -50,7 +52,7 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
   }
   double verdict[kErrorSlots];
   put_error_record(verdict, parent.rank(), outcome);
-  parent.allreduce_sum(verdict, kErrorSlots);
+  with_context("syncbn_comm_split", [&] { parent.allreduce_sum(verdict, kErrorSlots); });
   check_error_record(verdict, parent.size(), parent.rank(), outcome);
   return group;
 }
