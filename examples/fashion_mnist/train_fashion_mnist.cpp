@@ -67,6 +67,7 @@ struct Options {
   std::string device = "cpu";
   std::string comm = "auto";  // resolved to mpi or nccl by resolve_device_options
   bool check_equivalence = false;
+  double timeout = -1;  // < 0: syncbn's default deadline
 };
 
 void add_options(CLI::App& app, Options& o) {
@@ -115,6 +116,12 @@ void add_options(CLI::App& app, Options& o) {
                  "NCCL, else mpi")
       ->check(CLI::IsMember({"auto", "mpi", "nccl"}))
       ->capture_default_str();
+  app.add_option("--timeout", o.timeout,
+                 "deadline in seconds of every syncbn collective (syncbn_comm_set_timeout; 0: "
+                 "none). A rank whose peer stops answering gets SYNCBN_ERROR_TIMEOUT, prints it "
+                 "and ends the job with a non-zero exit status. Default: SYNCBN_TIMEOUT_S, else "
+                 "600")
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--check-equivalence", o.check_equivalence,
                "rank 0 also trains a reference copy of the model in one process on the whole "
                "global batch, with torch::nn::BatchNorm1d/2d, from the same initial parameters, "
@@ -427,10 +434,12 @@ class Run {
 #ifdef SYNCBN_EXAMPLE_NCCL
     if (nccl_) {
       comm_ = syncbn::nccl_communicator(nccl_->get());
+      if (o_.timeout >= 0) comm_.set_timeout(o_.timeout);
       return sync_batch_norm_factory(comm_, device_);
     }
 #endif
     comm_ = syncbn::mpi_communicator(world_);
+    if (o_.timeout >= 0) comm_.set_timeout(o_.timeout);
     return sync_batch_norm_factory(comm_, device_);
   }
 
@@ -544,7 +553,9 @@ class MpiSession {
   int provided_ = MPI_THREAD_SINGLE;
 };
 
-// A rank that fails cannot leave the others waiting in a collective: abort them all.
+// A rank that fails cannot leave the others waiting in a collective: abort them all. (A syncbn
+// deadline that passed, SYNCBN_ERROR_TIMEOUT, arrives here as any other error: its message says
+// which layer, call and rank waited, and for how long.)
 int fail(int rank, const char* message) {
   std::fprintf(stderr, "train_fashion_mnist: rank %d: error: %s\n", rank, message);
   std::fflush(stderr);

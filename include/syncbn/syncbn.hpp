@@ -54,6 +54,18 @@ class Communicator {
     return Communicator(h);
   }
 
+  // The deadline of every collective on it and its plans, in seconds, 0 for none
+  // (syncbn_comm_set_timeout; default SYNCBN_TIMEOUT_S or 600). A call past it throws Error
+  // with status() SYNCBN_ERROR_TIMEOUT, and every later call SYNCBN_ERROR_COMM_BROKEN.
+  void set_timeout(double seconds) const { check(syncbn_comm_set_timeout(get(), seconds)); }
+  double timeout() const {
+    double s = 0;
+    check(syncbn_comm_get_timeout(get(), &s));
+    return s;
+  }
+  // syncbn_comm_abort: ends the job (MPI: MPI_Abort, does not return).
+  void abort() const { check(syncbn_comm_abort(get())); }
+
   int rank() const {
     int r = 0;
     check(syncbn_comm_rank(get(), &r));
@@ -72,7 +84,8 @@ class Communicator {
 };
 
 // The allreduce of a custom communicator: sums count doubles in place over the group and
-// returns 0, or an error code (see syncbn_allreduce_fn for device, stream and the contract).
+// returns 0, SYNCBN_ERROR_TIMEOUT when the deadline passed, or another error code (see
+// syncbn_allreduce_fn for device, stream and the contract).
 using AllreduceFunction =
     std::function<int(double* buffer, std::size_t count, syncbn_device_t device, void* stream)>;
 
@@ -87,7 +100,7 @@ inline Communicator custom_communicator(int rank, int size, AllreduceFunction al
       try {
         return (*static_cast<AllreduceFunction*>(self))(buffer, count, device, stream);
       } catch (...) {
-        return -1;  // an exception must not cross the C boundary
+        return -1;  // an exception must not cross the C boundary (SYNCBN_ERROR_COMM)
       }
     }
     static void release(void* self) { delete static_cast<AllreduceFunction*>(self); }
@@ -125,6 +138,9 @@ class BatchNorm {
     check(syncbn_plan_get_config(get(), &c));
     return c;
   }
+
+  // syncbn_plan_set_name: the name every message of this layer's calls starts with.
+  void set_name(const std::string& name) { check(syncbn_plan_set_name(get(), name.c_str())); }
 
   // COLLECTIVE. syncbn_forward_training.
   void forward_training(const std::vector<int64_t>& shape, const void* x, const void* weight,

@@ -26,6 +26,8 @@ class Status(enum.IntEnum):
     COMM = 6
     OUT_OF_MEMORY = 7
     INTERNAL = 8
+    TIMEOUT = 9
+    COMM_BROKEN = 10
 
 
 class SyncBNError(RuntimeError):
@@ -99,6 +101,10 @@ def _load():
         "syncbn_comm_destroy": (_status, [_p]),
         "syncbn_comm_rank": (_status, [_p, ctypes.POINTER(ctypes.c_int)]),
         "syncbn_comm_size": (_status, [_p, ctypes.POINTER(ctypes.c_int)]),
+        "syncbn_comm_set_timeout": (_status, [_p, ctypes.c_double]),
+        "syncbn_comm_get_timeout": (_status, [_p, ctypes.POINTER(ctypes.c_double)]),
+        "syncbn_comm_abort": (_status, [_p]),
+        "syncbn_plan_set_name": (_status, [_p, ctypes.c_char_p]),
         "syncbn_plan_create": (_status, [_p, ctypes.POINTER(Config), ctypes.POINTER(_p)]),
         "syncbn_plan_destroy": (_status, [_p]),
         "syncbn_plan_get_async_error": (_status, [_p, _p, ctypes.POINTER(ctypes.c_int)]),
@@ -168,6 +174,10 @@ class Plan:
         handle, self.handle = getattr(self, "handle", None), None
         if handle:
             lib.syncbn_plan_destroy(handle)
+
+    def set_name(self, name):
+        """syncbn_plan_set_name: every message of this plan's calls starts with name."""
+        check(lib.syncbn_plan_set_name(self.handle, (name or "").encode()))
 
     def forward_training(self, shape, x, weight, bias, y, save_mean, save_invstd, running_mean,
                          running_var, num_batches_tracked, stream):

@@ -6,6 +6,10 @@
 - Communicator.from_process_group(group): torch.distributed, any backend (gloo, nccl, mpi),
   through a custom communicator whose allreduce calls torch.distributed.all_reduce.
 - Communicator.custom(rank, size, allreduce, split=None): any other collective library.
+
+Every collective has a deadline, Communicator.timeout (seconds; default $SYNCBN_TIMEOUT_S or
+600, 0 for none): a call that waits longer for its peers raises SyncBNError with status TIMEOUT
+on every rank that waited, and every later call on the communicator COMM_BROKEN.
 """
 
 import ctypes
@@ -48,6 +52,24 @@ class Communicator:
 
     def __repr__(self):
         return f"syncbn.Communicator({self.description}, rank {self.rank} of {self.size})"
+
+    @property
+    def timeout(self):
+        """The deadline of every collective on this communicator and its layers' plans, in
+        seconds (syncbn_comm_get_timeout / syncbn_comm_set_timeout; 0: wait forever). Subgroups
+        from split() inherit it. Set the same value on every rank."""
+        value = ctypes.c_double()
+        check(lib.syncbn_comm_get_timeout(self.handle, ctypes.byref(value)))
+        return value.value
+
+    @timeout.setter
+    def timeout(self, seconds):
+        check(lib.syncbn_comm_set_timeout(self.handle, float(seconds)))
+
+    def abort(self):
+        """syncbn_comm_abort: over MPI, MPI_Abort (the job ends, this does not return); over
+        NCCL, ncclCommAbort. Other communicators are only marked broken."""
+        check(lib.syncbn_comm_abort(self.handle))
 
     @property
     def rank(self):
@@ -102,7 +124,9 @@ class Communicator:
             count float64 values at address: host memory when device is 0 (CPU; stream is 0),
             device memory of the current CUDA device when device is 1, in stream order on stream
             (a cudaStream_t as an int). Raise to fail: the syncbn call then raises SyncBNError
-            (COMM) on this rank, chained to your exception.
+            (COMM) on this rank, chained to your exception; raise TimeoutError when the sum did
+            not complete by the communicator's deadline (self.timeout, which the function
+            keeps) and the call raises SyncBNError TIMEOUT. Either breaks the communicator.
         split(group_size) -> Communicator, optional: this rank's group of consecutive ranks
             [k * group_size, (k + 1) * group_size), called on every rank by Communicator.split
             after the group size was validated. Without it, split raises NOT_SUPPORTED.
@@ -111,6 +135,9 @@ class Communicator:
             try:
                 allreduce(address or 0, count, device, stream or 0)
                 return 0
+            except TimeoutError as e:
+                _capi.set_pending(e)
+                return int(Status.TIMEOUT)
             except BaseException as e:  # noqa: B902 - must not cross into C
                 _capi.set_pending(e)
                 return 1
@@ -153,6 +180,11 @@ class Communicator:
         Each syncbn call makes one torch.distributed.all_reduce of 2C + 18 float64 on the group:
         on CPU tensors for CPU layers (copied through the GPU for the nccl backend), on a view of
         syncbn's device buffer for CUDA layers. COLLECTIVE over the world when it duplicates.
+        Host sums are waited for by the communicator's deadline (work.wait(timeout)); device sums
+        are enqueued on the stream and bounded by the process group's own timeout. After a
+        timeout the abandoned all_reduce stays with the process group until its own timeout
+        (init_process_group / new_group timeout=) ends it; gloo aborts a process that exits
+        before that, so give the group a timeout close to syncbn's.
         """
         import torch
         import torch.distributed as dist
@@ -172,16 +204,35 @@ class Communicator:
             group = dist.group.WORLD
         backend = dist.get_backend(group)
         rank, size = dist.get_rank(group), dist.get_world_size(group)
+        owner = []  # the Communicator, once made: its timeout is the deadline
+
+        def wait(work, count):
+            import datetime
+
+            seconds = owner[0]().timeout if owner and owner[0]() is not None else 0.0
+            if seconds <= 0:
+                work.wait()
+                return
+            try:
+                done = work.wait(timeout=datetime.timedelta(seconds=seconds))
+            except RuntimeError as e:  # gloo: "Timed out waiting ... for recv operation"
+                if "imed out" in str(e) or "imeout" in str(e):
+                    raise TimeoutError(f"torch.distributed.all_reduce of {count} float64 did not "
+                                       f"complete within {seconds:g} s: {e}") from e
+                raise
+            if done is False:
+                raise TimeoutError(f"torch.distributed.all_reduce of {count} float64 did not "
+                                   f"complete within {seconds:g} s")
 
         def allreduce(address, count, device, stream):
             if device == _capi.DEVICE_CPU:
                 t = _host_view(address, count)
                 if backend == "nccl":  # NCCL takes CUDA tensors only
                     on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-                    dist.all_reduce(on_gpu, group=group)
+                    wait(dist.all_reduce(on_gpu, group=group, async_op=True), count)
                     t.copy_(on_gpu.cpu())
                 else:
-                    dist.all_reduce(t, group=group)
+                    wait(dist.all_reduce(t, group=group, async_op=True), count)
             else:
                 dist.all_reduce(torch.as_tensor(_CudaBuffer(address, count), device="cuda"),
                                 group=group)
@@ -197,8 +248,10 @@ class Communicator:
                     mine = g
             return cls.from_process_group(mine, duplicate=False)
 
-        return cls.custom(rank, size, allreduce, split,
+        comm = cls.custom(rank, size, allreduce, split,
                           description=f"torch.distributed {backend}")
+        owner.append(weakref.ref(comm))
+        return comm
 
     # ---- groups ------------------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ class _PlanSet:
     every rank alike, whatever each rank's input is; a call then picks the plan of its input,
     and ranks whose inputs disagree fail with SYNCBN_ERROR_CALL_MISMATCH instead of waiting."""
 
-    def __init__(self, comm, num_features, key):
+    def __init__(self, comm, num_features, key, name=None):
         param_dtypes, device, eps, momentum, affine, track = key
         self.comm = comm
         self.key = key
@@ -108,7 +108,10 @@ class _PlanSet:
                             num_features, _DTYPE_CODES[dtype], layout,
                             _capi.DEVICE_CUDA if device.type == "cuda" else _capi.DEVICE_CPU,
                             eps, momentum, affine, track)
-                        self.plans[(dtype, layout)] = (_capi.Plan(comm, config), param_dtype)
+                        plan = _capi.Plan(comm, config)
+                        if name:
+                            plan.set_name(name)
+                        self.plans[(dtype, layout)] = (plan, param_dtype)
         self.default_dtype = _data_dtypes(param_dtypes[0], device.type)[0]
 
     def pick(self, x, layout):
@@ -229,6 +232,9 @@ class SyncBatchNorm(_BatchNorm):
         self._local_plans = None  # _PlanSet on a self communicator, for evaluation
         self._layout_hint = _capi.CHANNELS_FIRST
         self._recorder = None     # SyncBatchNormJoinable
+        # The layer's name in syncbn's messages ("plan 'layer1.0.bn1': forward_training call
+        # #17: ..."): convert_sync_batchnorm sets the module's qualified name.
+        self.name = None
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -266,7 +272,7 @@ class SyncBatchNorm(_BatchNorm):
         plans = self._plans
         if plans is None or plans.key != key or plans.comm is not comm:
             self._plans = None
-            plans = self._plans = _PlanSet(comm, self.num_features, key)
+            plans = self._plans = _PlanSet(comm, self.num_features, key, self.name)
         return plans
 
     def _communicator(self):
@@ -426,8 +432,13 @@ def convert_sync_batchnorm(module, process_group=None, communicator=None):
     A _BatchNorm subclass whose forward is not batch norm's (timm's BatchNormAct2d, which adds
     an activation) is refused with TypeError rather than silently replaced by a plain batch
     norm; so is an uninitialized lazy batch norm (run one forward first). syncbn's own layers
-    are kept as they are.
+    are kept as they are. Each new layer's name (SyncBatchNorm.name, the first words of its
+    messages) is its qualified name in module ("layer1.0.bn1").
     """
+    return _convert(module, process_group, communicator, "")
+
+
+def _convert(module, process_group, communicator, qualified_name):
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         cls = type(module)
@@ -453,8 +464,10 @@ def convert_sync_batchnorm(module, process_group=None, communicator=None):
         out.training = module.training
         if hasattr(module, "qconfig"):
             out.qconfig = module.qconfig
+        out.name = qualified_name or cls.__name__
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group, communicator))
+        child_name = f"{qualified_name}.{name}" if qualified_name else name
+        out.add_module(name, _convert(child, process_group, communicator, child_name))
     return out
 
 
