@@ -27,6 +27,10 @@
 //              --allgather-bwd. The calls that went through the replacement are counted, and a
 //              warning is printed if there were none (the interposition did not take) or not as
 //              many as allgather mode made.
+//   Both sync and allgather run without a deadline (syncbn_comm_set_timeout 0): only then is
+//   libsyncbn's exchange the MPI_Allreduce that allgather mode replaces (with a deadline it is
+//   a polled point-to-point recursive doubling; bench/exchange_bench times the two against
+//   each other).
 //
 // Per shape, on the same OpenMP threads and in the same run:
 //   fwd, bwd (us)      median over the timed rounds of one call's wall time on each rank,
@@ -1033,6 +1037,7 @@ int run(int argc, char** argv, int rank, int size) {
     o.one_host = h[0] == ~h[1];  // max(h) == min(h)
   }
   const syncbn::Communicator world = syncbn::mpi_communicator(MPI_COMM_WORLD);
+  world.set_timeout(0);  // the exchange is MPI_Allreduce, which allgather mode interposes
   MPI_Comm allreduce_comm = MPI_COMM_NULL;  // like the library's: a duplicate
   MPI_Comm_dup(MPI_COMM_WORLD, &allreduce_comm);
 

@@ -125,7 +125,7 @@ extern "C" {
 #endif
 
 #define SYNCBN_VERSION_MAJOR 0
-#define SYNCBN_VERSION_MINOR 2
+#define SYNCBN_VERSION_MINOR 3
 #define SYNCBN_VERSION_PATCH 0
 
 /* Status codes. Every call returns one; syncbn_last_error() gives the detail. */

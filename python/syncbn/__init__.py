@@ -13,5 +13,5 @@ syncbn.torch needs torch >= 1.13; it is imported on its own (import syncbn.torch
 from ._capi import Status, SyncBNError, library_path
 from .comm import Communicator
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Communicator", "Status", "SyncBNError", "library_path", "__version__"]

@@ -7,7 +7,9 @@
 #include <mpi.h>
 #include <nccl.h>
 
+#include <array>
 #include <climits>
+#include <memory>
 #include <cstring>
 #include <string>
 
@@ -20,13 +22,15 @@ namespace {
 
 // The lowest rank for which ok is false, or -1 if none (COLLECTIVE, by the deadline).
 int first_failing(bool ok, int rank, int size, MPI_Comm comm, Deadline deadline) {
-  auto mine = std::make_shared<int[]>(2);  // [mine, first]: MPI may write it after a timeout
+  // [mine, first]: MPI may still write it after a timeout
+  auto slots = std::make_shared<std::array<int, 2>>();
+  auto& mine = *slots;
   mine[0] = ok ? size : rank;
   MPI_Request request = MPI_REQUEST_NULL;
   check_mpi(MPI_Iallreduce(&mine[0], &mine[1], 1, MPI_INT, MPI_MIN, comm, &request),
             "MPI_Iallreduce");
   mpi_wait(&request, deadline, "syncbn_nccl_comm_init_mpi: MPI_Iallreduce (rank " +
-                                   std::to_string(rank) + ")", mine);
+                                   std::to_string(rank) + ")", slots);
   return mine[1] < size ? mine[1] : -1;
 }
 
