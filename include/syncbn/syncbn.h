@@ -282,7 +282,9 @@ SYNCBN_API syncbn_status_t syncbn_comm_create_custom(int rank, int size,
    MPI_Comm_split, NCCL ones with ncclCommSplit, custom ones with their split function. Two
    allreduces over parent: one validates group_size, one agrees on the outcome of the split, so
    a rank whose backend fails to split makes every rank fail (SYNCBN_ERROR_COMM, or
-   SYNCBN_ERROR_NOT_SUPPORTED for a custom communicator without a split function). */
+   SYNCBN_ERROR_NOT_SUPPORTED for a custom communicator without a split function). Both
+   allreduces are bounded by parent's deadline (SYNCBN_ERROR_TIMEOUT); MPI_Comm_split itself
+   has no non-blocking form, and runs once the first allreduce found every rank present. */
 SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_size,
                                              syncbn_comm_t* sub);
 
