@@ -34,8 +34,8 @@
 // (syncbn_forward_training of a plan of C channels, affine and running statistics off, one sample
 // on rank 0 and none elsewhere, so that the call is its packing, its one allreduce of 2C + 18
 // doubles and its per-channel finalize), twice: with no deadline (syncbn_comm_set_timeout 0: the
-// blocking MPI_Allreduce) and with the default 600 s deadline (MPI_Iallreduce on the
-// communicator's copy, polled with MPI_Test). The second table gives both against the blocking
+// blocking MPI_Allreduce) and with the default 600 s deadline (recursive doubling on MPI_Isend /
+// MPI_Irecv over the communicator's copy of the buffer, polled with MPI_Testall). The second table gives both against the blocking
 // MPI_Allreduce of the same n doubles, and the deadline's own cost (deadline / no deadline).
 // The two calls differ only in their exchange, so the deadline-aware exchange alone takes
 // allreduce + (deadline - no deadline), the difference taken per iteration (both calls run in

@@ -64,7 +64,10 @@
  * SYNCBN_ERROR_COMM_BROKEN at once, and syncbn_comm_abort ends the job. So a rank that leaves
  * the loop early, evaluates while the others train, stalls or dies costs its peers at most the
  * deadline, never a hang. Over NCCL, forward and backward only enqueue; the host's wait for them
- * is bounded where it happens (syncbn_plan_get_async_error).
+ * is bounded where it happens (syncbn_plan_get_async_error). A rank that arrives late (stopped,
+ * then continued) may complete its call against the messages its peers abandoned and succeed
+ * where they timed out: its running statistics then differ from theirs, and the job, whose
+ * communicators are broken on the other ranks, should end (syncbn_comm_abort).
  *
  * Bitwise-identical running statistics across ranks rely on the allreduce returning the same
  * sums on every rank, as MPI advises and Open MPI and MPICH do.
@@ -157,8 +160,10 @@ typedef enum syncbn_status {
      (the abandoned collective can never complete). */
   SYNCBN_ERROR_TIMEOUT = 9,
   /* The communicator is broken: an earlier collective on it timed out or its transport failed.
-     Every later call on it, its plans and its subgroups returns this at once, with the first
-     failure in the message. Destroy them, or end the job with syncbn_comm_abort. */
+     Every later call on it and its plans returns this at once, with the first failure in the
+     message. (Subgroups made from it before are communicators of their own: their collectives
+     time out themselves if peers are gone.) Destroy them, or end the job with
+     syncbn_comm_abort. */
   SYNCBN_ERROR_COMM_BROKEN = 10
 } syncbn_status_t;
 
@@ -239,7 +244,9 @@ SYNCBN_API syncbn_status_t syncbn_comm_create_self(syncbn_comm_t* comm);
    fails the syncbn call on this rank with SYNCBN_ERROR_COMM, the value in the message. Either
    failure breaks the communicator (SYNCBN_ERROR_COMM_BROKEN afterwards). syncbn calls it from the thread that made the
    syncbn call, once per collective, in the same order on every rank; it must not call syncbn
-   functions on the same communicator. What the other ranks see when it fails is up to the
+   functions on the same communicator other than syncbn_comm_get_timeout. buffer is the
+   communicator's own memory for host sums: after the function returned an error its transport
+   may still write there (a late peer), which syncbn allows by never reusing or freeing it. What the other ranks see when it fails is up to the
    transport: a callback that returns an error without taking part in the sum leaves its peers
    waiting in theirs, so a transport that fails should fail on every rank. */
 typedef int (*syncbn_allreduce_fn)(double* buffer, size_t count, syncbn_device_t device,
@@ -294,7 +301,8 @@ SYNCBN_API syncbn_status_t syncbn_comm_split(syncbn_comm_t parent, int group_siz
    blocking MPI_Allreduce). A new communicator's deadline is SYNCBN_TIMEOUT_S from the
    environment when that is a number >= 0, else 600 (PyTorch's NCCL default); subgroups made by
    syncbn_comm_split inherit their parent's. Not collective: set the same value on every rank.
-   Takes effect at the next collective. Custom communicators (syncbn_comm_create_custom) keep
+   Takes effect at the next collective. Over MPI a deadline of 0 changes the algorithm (see
+   syncbn_mpi.h): give every rank a deadline, or none. Custom communicators (syncbn_comm_create_custom) keep
    the deadline in their allreduce function, which reads it with syncbn_comm_get_timeout and
    returns SYNCBN_ERROR_TIMEOUT when it passes. Errors: SYNCBN_ERROR_INVALID_ARGUMENT (comm NULL,
    seconds negative or not finite). */

@@ -24,11 +24,13 @@ extern "C" {
         ncclCommGetAsyncError until it is ready or fails.
    Before step 2 the ranks agree (MPI_Allreduce) that every rank found a GPU, so a rank without
    one makes every rank fail instead of leaving the others in ncclCommInitRank; after step 3 they
-   agree that every rank's init succeeded. Every step is bounded by the default deadline
-   (SYNCBN_TIMEOUT_S, else 600 s; see syncbn_comm_set_timeout): MPI's collectives are
+   agree that every rank's init succeeded. Every step but MPI_Comm_split_type (which has no
+   non-blocking form) is bounded by the default deadline (SYNCBN_TIMEOUT_S, else 600 s; see
+   syncbn_comm_set_timeout; the final agreement by twice that): MPI's collectives are
    non-blocking and polled, and an NCCL init that has not completed by then is aborted
    (ncclCommAbort), so a rank that fails or never arrives cannot leave its peers in NCCL's
-   bootstrap. *nccl_comm is the caller's: pass it to syncbn_comm_create_nccl and release it with
+   bootstrap. After SYNCBN_ERROR_TIMEOUT, collectives may be left pending on mpi_comm: do not use
+   it for further collectives. *nccl_comm is the caller's: pass it to syncbn_comm_create_nccl and release it with
    ncclCommDestroy. It is a NON-BLOCKING communicator: NCCL calls on it may return ncclInProgress,
    after which ncclCommGetAsyncError says when the call has settled. local_rank may be NULL.
    Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL, MPI not

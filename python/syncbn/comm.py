@@ -180,7 +180,9 @@ class Communicator:
         Each syncbn call makes one torch.distributed.all_reduce of 2C + 18 float64 on the group:
         on CPU tensors for CPU layers (copied through the GPU for the nccl backend), on a view of
         syncbn's device buffer for CUDA layers. COLLECTIVE over the world when it duplicates.
-        Host sums are waited for by the communicator's deadline (work.wait(timeout)); device sums
+        Host sums are waited for by the communicator's deadline (work.wait(timeout): gloo honours
+        it; the nccl backend of older torch versions waits on the host only with
+        NCCL_BLOCKING_WAIT=1, else only the process group's own timeout bounds it); device sums
         are enqueued on the stream and bounded by the process group's own timeout. After a
         timeout the abandoned all_reduce stays with the process group until its own timeout
         (init_process_group / new_group timeout=) ends it; gloo aborts a process that exits

@@ -4,6 +4,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "core/error.hpp"
 
@@ -21,6 +24,13 @@ double default_timeout_seconds() {
 double now_seconds() {
   using clock = std::chrono::steady_clock;
   return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+void keep_forever(std::shared_ptr<void> memory) {
+  static std::mutex mutex;
+  static auto* kept = new std::vector<std::shared_ptr<void>>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  kept->push_back(std::move(memory));
 }
 
 std::string format_seconds(double seconds) {

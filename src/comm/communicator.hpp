@@ -33,6 +33,11 @@ double default_timeout_seconds();
 // Seconds on a monotonic clock, for deadlines.
 double now_seconds();
 
+// Keeps memory alive for the rest of the process: what a transport may still write after a
+// collective was abandoned (a late peer can complete it), reachable so that leak checkers do
+// not report it.
+void keep_forever(std::shared_ptr<void> memory);
+
 // A communicator's collectives go through these public, non-virtual entry points, which
 //   - fail at once with SYNCBN_ERROR_COMM_BROKEN once the communicator is broken;
 //   - hand the backend the communicator's deadline;

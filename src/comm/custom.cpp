@@ -1,6 +1,10 @@
 #include "comm/custom.hpp"
 
+#include <cstring>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "comm/handle.hpp"
 #include "core/error.hpp"
@@ -30,8 +34,19 @@ class CustomCommunicator final : public Communicator {
  protected:
   // The deadline is the caller's to keep (syncbn_comm_get_timeout): its function returns
   // SYNCBN_ERROR_TIMEOUT when the sum did not complete in time.
+  // The caller's function gets the communicator's own copy of the buffer: after it failed
+  // (a timeout, say) its transport may still write there, so that memory is kept for good then,
+  // and the syncbn caller's (a plan's, or the stack of plan creation) is never exposed.
   void allreduce_host(double* buffer, std::size_t count, Deadline) override {
-    call(buffer, count, SYNCBN_DEVICE_CPU, nullptr);
+    if (!wire_ || wire_->size() < count) wire_ = std::make_shared<std::vector<double>>(count);
+    std::memcpy(wire_->data(), buffer, count * sizeof(double));
+    try {
+      call(wire_->data(), count, SYNCBN_DEVICE_CPU, nullptr);
+    } catch (...) {
+      keep_forever(std::move(wire_));
+      throw;
+    }
+    std::memcpy(buffer, wire_->data(), count * sizeof(double));
   }
   void allreduce_device(double* buffer, std::size_t count, void* stream, Deadline) override {
     call(buffer, count, SYNCBN_DEVICE_CUDA, stream);
@@ -75,6 +90,7 @@ class CustomCommunicator final : public Communicator {
   syncbn_split_fn split_;
   syncbn_release_fn release_;
   void* user_data_;
+  std::shared_ptr<std::vector<double>> wire_;  // grows to the largest count
 };
 
 }  // namespace

@@ -42,23 +42,16 @@ bool mpi_finalized() {
   return finalized != 0;
 }
 
-// Collectives abandoned at their deadline: their requests and the memory MPI may still write.
-// Reachable for the life of the process (never freed: a late peer may complete them).
-struct Abandoned {
-  MPI_Request request;
-  std::shared_ptr<void> keep_alive;
-};
-std::mutex g_abandoned_mutex;
-std::vector<Abandoned>& abandoned() {
-  static auto* list = new std::vector<Abandoned>();
-  return *list;
-}
-
+// A collective abandoned at its deadline (or after an MPI error): its pending requests and the
+// memory MPI may still write, kept for the life of the process (MPI forbids freeing or
+// cancelling a pending collective request; a late peer may still complete it).
 void abandon(const MPI_Request* requests, int n, std::shared_ptr<void> keep_alive) {
-  const std::lock_guard<std::mutex> lock(g_abandoned_mutex);
+  auto kept = std::make_shared<std::pair<std::vector<MPI_Request>, std::shared_ptr<void>>>();
   for (int i = 0; i < n; ++i) {
-    if (requests[i] != MPI_REQUEST_NULL) abandoned().push_back({requests[i], keep_alive});
+    if (requests[i] != MPI_REQUEST_NULL) kept->first.push_back(requests[i]);
   }
+  kept->second = std::move(keep_alive);
+  keep_forever(std::move(kept));
 }
 
 class MpiCommunicator final : public Communicator {
@@ -99,7 +92,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   // CUDA-aware MPI takes the device pointer. On expiry MPI may still write buffer, the plan's
-  // device memory: the communicator is broken then, and so are the plans on it.
+  // device memory: the communicator is broken then, and a CUDA plan on a broken communicator
+  // never frees its device memory (core/plan_cuda.cpp).
   void allreduce_device(double* buffer, std::size_t count, void*, Deadline deadline) override {
     MPI_Request request = MPI_REQUEST_NULL;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, buffer, static_cast<int>(count), MPI_DOUBLE, MPI_SUM,
@@ -183,17 +177,24 @@ class MpiCommunicator final : public Communicator {
   }
 
   // Sends send (unless NULL) to peer and receives recv (unless NULL) from it, by start + deadline.
+  // Whatever fails, requests still pending are abandoned with wire_.
   void exchange(const double* send, double* recv, int n, int peer, double start, Deadline deadline) {
     MPI_Request requests[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    const auto checked = [&](int code, const char* what) {
+      if (code != MPI_SUCCESS) {
+        abandon(requests, 2, wire_);
+        check_mpi(code, what);
+      }
+    };
     if (recv != nullptr) {
-      check_mpi(MPI_Irecv(recv, n, MPI_DOUBLE, peer, kTag, comm_, &requests[0]), "MPI_Irecv");
+      checked(MPI_Irecv(recv, n, MPI_DOUBLE, peer, kTag, comm_, &requests[0]), "MPI_Irecv");
     }
     if (send != nullptr) {
-      check_mpi(MPI_Isend(send, n, MPI_DOUBLE, peer, kTag, comm_, &requests[1]), "MPI_Isend");
+      checked(MPI_Isend(send, n, MPI_DOUBLE, peer, kTag, comm_, &requests[1]), "MPI_Isend");
     }
     int done = 0;
     for (unsigned i = 0;; ++i) {
-      check_mpi(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+      checked(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
       if (done) return;
       if ((i & 63u) == 63u) {
         const double now = now_seconds();
@@ -261,13 +262,16 @@ std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm mpi_comm) {
   int rank = 0, size = 0;
   check_mpi(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(mpi_comm, &size), "MPI_Comm_size");
-  MPI_Comm dup = MPI_COMM_NULL;
+  // MPI writes the new communicator when the duplication completes: on the heap, kept after a
+  // timeout.
+  auto dup = std::make_shared<MPI_Comm>(MPI_COMM_NULL);
   MPI_Request request = MPI_REQUEST_NULL;
-  check_mpi(MPI_Comm_idup(mpi_comm, &dup, &request), "MPI_Comm_idup");
+  check_mpi(MPI_Comm_idup(mpi_comm, dup.get(), &request), "MPI_Comm_idup");
   mpi_wait(&request, Deadline{default_timeout_seconds()},
            "MPI_Comm_idup over " + std::to_string(size) + " ranks (rank " + std::to_string(rank) +
-               ")");
-  return std::make_shared<MpiCommunicator>(dup);
+               ")",
+           dup);
+  return std::make_shared<MpiCommunicator>(*dup);
 }
 
 }  // namespace syncbn::comm

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "core/error.hpp"
@@ -42,6 +44,12 @@ void settle_nccl(ncclResult_t r, ncclComm_t comm, const char* what, Deadline dea
   core::fail(SYNCBN_ERROR_COMM, std::string(what) + " failed: " + nccl_detail(r, comm));
 }
 
+// What is left of deadline, started at start (at least a millisecond: the wait still polls once).
+Deadline remaining(Deadline deadline, double start) {
+  if (deadline.none()) return deadline;
+  return Deadline{std::max(deadline.seconds - (now_seconds() - start), 1e-3)};
+}
+
 void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     cudaGetLastError();
@@ -61,6 +69,7 @@ class NcclCommunicator final : public Communicator {
     cudaGetDevice(&current);
     cudaSetDevice(device_);
     if (scratch_ != nullptr) cudaFree(scratch_);
+    if (pinned_ != nullptr) cudaFreeHost(pinned_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     if (owned_ && !aborted_) ncclCommDestroy(comm_);
     if (current >= 0) cudaSetDevice(current);
@@ -74,9 +83,11 @@ class NcclCommunicator final : public Communicator {
   int device() const override { return device_; }
 
  protected:
-  // Host buffers (plan creation, split): through device scratch on an internal stream, waited
-  // for against the deadline.
+  // Host buffers (plan creation, split): through pinned host memory and device scratch on an
+  // internal stream, waited for against the deadline (a copy into pageable memory would block
+  // the host until the allreduce completed, deadline or not).
   void allreduce_host(double* buffer, std::size_t count, Deadline deadline) override {
+    const double start = now_seconds();
     int current = -1;
     check_cuda(cudaGetDevice(&current), "cudaGetDevice");
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
@@ -89,18 +100,23 @@ class NcclCommunicator final : public Communicator {
     }
     if (count > scratch_count_) {
       if (scratch_ != nullptr) cudaFree(scratch_);
+      if (pinned_ != nullptr) cudaFreeHost(pinned_);
       scratch_ = nullptr;
+      pinned_ = nullptr;
       scratch_count_ = 0;
       check_cuda(cudaMalloc(&scratch_, count * sizeof(double)), "cudaMalloc");
+      check_cuda(cudaMallocHost(&pinned_, count * sizeof(double)), "cudaMallocHost");
       scratch_count_ = count;
     }
     const std::size_t bytes = count * sizeof(double);
-    check_cuda(cudaMemcpyAsync(scratch_, buffer, bytes, cudaMemcpyHostToDevice, stream_),
+    std::memcpy(pinned_, buffer, bytes);
+    check_cuda(cudaMemcpyAsync(scratch_, pinned_, bytes, cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync");
     allreduce_device(scratch_, count, stream_, deadline);
-    check_cuda(cudaMemcpyAsync(buffer, scratch_, bytes, cudaMemcpyDeviceToHost, stream_),
+    check_cuda(cudaMemcpyAsync(pinned_, scratch_, bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync");
-    wait_device_stream(stream_, deadline);
+    wait_device_stream(stream_, remaining(deadline, start));
+    std::memcpy(buffer, pinned_, bytes);
   }
 
   void allreduce_device(double* buffer, std::size_t count, void* stream,
@@ -146,9 +162,18 @@ class NcclCommunicator final : public Communicator {
     ncclComm_t sub = nullptr;
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
+    const double start = now_seconds();
     const ncclResult_t r = ncclCommSplit(comm_, rank_ / group_size, rank_, &sub, &config);
     settle_nccl(r, comm_, "ncclCommSplit", deadline, &aborted_);
-    if (sub != nullptr) settle_nccl(ncclInProgress, sub, "ncclCommSplit (new communicator)", deadline, nullptr);
+    if (sub != nullptr) {
+      try {
+        settle_nccl(ncclInProgress, sub, "ncclCommSplit (new communicator)",
+                    remaining(deadline, start), nullptr);  // aborts sub on expiry
+      } catch (const core::Failure& f) {
+        if (f.status() != SYNCBN_ERROR_TIMEOUT) ncclCommAbort(sub);
+        throw;
+      }
+    }
     return std::make_shared<NcclCommunicator>(sub, true);
   }
 
@@ -166,6 +191,7 @@ class NcclCommunicator final : public Communicator {
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   double* scratch_ = nullptr;
+  double* pinned_ = nullptr;
   std::size_t scratch_count_ = 0;
 };
 

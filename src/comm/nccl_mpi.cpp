@@ -98,21 +98,30 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
   config.blocking = 0;
   ncclResult_t r = ncclCommInitRankConfig(&comm, size, root->id, rank, &config);
   const double start = now_seconds();
+  bool timed_out = false;
   while (r == ncclInProgress && comm != nullptr) {
     if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
     if (r == ncclInProgress && !deadline.none() && now_seconds() - start >= deadline.seconds) {
-      ncclCommAbort(comm);
+      timed_out = true;
+      break;
+    }
+  }
+  // Every rank says how its init ended, the ranks that timed out too, so that none leaves an
+  // allreduce on mpi_comm behind. A rank that failed at once reaches this up to one deadline
+  // before a rank that timed out: the agreement gets twice the deadline.
+  const Deadline agreement{deadline.none() ? 0.0 : 2.0 * deadline.seconds};
+  const int failing = first_failing(!timed_out && r == ncclSuccess, rank, size, mpi_comm, agreement);
+  if (failing >= 0) {
+    if (comm != nullptr) ncclCommAbort(comm);
+    if (timed_out) {
       core::fail(SYNCBN_ERROR_TIMEOUT,
                  "syncbn_nccl_comm_init_mpi: ncclCommInitRankConfig over " + std::to_string(size) +
                      " ranks (rank " + std::to_string(rank) + ") did not complete within " +
-                     format_seconds(deadline.seconds) + "; aborted");
+                     format_seconds(deadline.seconds) + "; aborted (ncclCommAbort)");
     }
-  }
-  if (first_failing(r == ncclSuccess, rank, size, mpi_comm, deadline) >= 0) {
-    if (comm != nullptr) ncclCommAbort(comm);
     core::fail(SYNCBN_ERROR_COMM, std::string("ncclCommInitRank failed") +
                                       (r != ncclSuccess ? std::string(": ") + ncclGetErrorString(r)
-                                                        : std::string(" on another rank")));
+                                                        : " on rank " + std::to_string(failing)));
   }
   *nccl_comm = comm;
   if (local_rank_out != nullptr) *local_rank_out = local_rank;

@@ -183,7 +183,11 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
   return plan;
 }
 
-Plan::~Plan() = default;
+Plan::~Plan() {
+  // On a broken communicator an abandoned collective may still write the plan's device memory
+  // (CUDA-aware MPI) or use it (NCCL kernels): keep it for the rest of the process.
+  if (device_ && comm_->broken()) comm::keep_forever(std::shared_ptr<DeviceResources>(std::move(device_)));
+}
 
 std::string Plan::label() const {
   return name_.empty() ? "plan #" + std::to_string(serial_) : "plan '" + name_ + "'";
