@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages syncbn's build, tests and examples need, if any is missing.
 #   ./install_deps.sh          everything (library, tests, Fashion-MNIST trainer, reference checks,
-#                              the Python package's tests)
+#                              the Python package's tests, the sanitizer and fuzzing runs)
 # Runs apt-get (as root, or through sudo) only when a package is missing.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ packages=(
   libdnnl-dev                         # oneDNN, the CPU baseline of the benchmarks
   python3-torch python3-numpy python3-matplotlib   # reference checks, bench/plot_scaling.py
   python3-venv python3-mpi4py python3-pytest python3-torchvision   # the Python package's suite
+  clang libomp-dev                    # TSan with LLVM's OpenMP (archer), libFuzzer
 )
 
 missing=()

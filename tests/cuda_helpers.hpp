@@ -141,6 +141,8 @@ void dispatch_cuda_dtype(syncbn_dtype_t dtype, F&& f) {
     case SYNCBN_BFLOAT16:
       f(__nv_bfloat16{});
       break;
+    default:
+      break;
   }
 }
 

@@ -50,6 +50,7 @@ inline const char* dtype_name(syncbn_dtype_t d) {
     case SYNCBN_FLOAT64: return "fp64";
     case SYNCBN_FLOAT16: return "fp16";
     case SYNCBN_BFLOAT16: return "bf16";
+    default: break;
   }
   return "dtype?";
 }

@@ -164,24 +164,37 @@ typedef enum syncbn_status {
      message. (Subgroups made from it before are communicators of their own: their collectives
      time out themselves if peers are gone.) Destroy them, or end the job with
      syncbn_comm_abort. */
-  SYNCBN_ERROR_COMM_BROKEN = 10
+  SYNCBN_ERROR_COMM_BROKEN = 10,
+  /* Not values: they give the enumeration the range of int, so that any int a caller passes
+     (or casts) is a value the library may hold, and rejects, in C++ as in C. */
+  SYNCBN_STATUS_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_STATUS_RANGE_MAX_ = 2147483647
 } syncbn_status_t;
 
 typedef enum syncbn_dtype {
   SYNCBN_FLOAT32 = 0,
   SYNCBN_FLOAT64 = 1,
   SYNCBN_FLOAT16 = 2,  /* IEEE binary16, CUDA plans only */
-  SYNCBN_BFLOAT16 = 3  /* bfloat16, CUDA plans only */
+  SYNCBN_BFLOAT16 = 3, /* bfloat16, CUDA plans only */
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_DTYPE_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_DTYPE_RANGE_MAX_ = 2147483647
 } syncbn_dtype_t;
 
 typedef enum syncbn_layout {
   SYNCBN_CHANNELS_FIRST = 0, /* (N, C, *spatial), NCHW */
-  SYNCBN_CHANNELS_LAST = 1   /* (N, *spatial, C), NHWC */
+  SYNCBN_CHANNELS_LAST = 1,  /* (N, *spatial, C), NHWC */
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_LAYOUT_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_LAYOUT_RANGE_MAX_ = 2147483647
 } syncbn_layout_t;
 
 typedef enum syncbn_device {
   SYNCBN_DEVICE_CPU = 0,
-  SYNCBN_DEVICE_CUDA = 1 /* needs a build with SYNCBN_WITH_CUDA, else SYNCBN_ERROR_NOT_SUPPORTED */
+  SYNCBN_DEVICE_CUDA = 1, /* needs a build with SYNCBN_WITH_CUDA, else SYNCBN_ERROR_NOT_SUPPORTED */
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_DEVICE_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_DEVICE_RANGE_MAX_ = 2147483647
 } syncbn_device_t;
 
 /* momentum value meaning "unset": running statistics are the cumulative average,
@@ -437,7 +450,10 @@ SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const i
 typedef enum syncbn_call {
   SYNCBN_CALL_FORWARD_TRAINING = 1,
   SYNCBN_CALL_FORWARD_INFERENCE = 2,
-  SYNCBN_CALL_BACKWARD = 3
+  SYNCBN_CALL_BACKWARD = 3,
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_CALL_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_CALL_RANGE_MAX_ = 2147483647
 } syncbn_call_t;
 
 /* What a caller found wrong with an argument that the C API, seeing only pointers, cannot check
@@ -446,7 +462,10 @@ typedef enum syncbn_problem {
   SYNCBN_PROBLEM_DTYPE = 1,   /* not of the plan's dtype (data) or parameter type */
   SYNCBN_PROBLEM_DEVICE = 2,  /* not in the memory of the plan's device */
   SYNCBN_PROBLEM_LAYOUT = 3,  /* not dense in the plan's layout */
-  SYNCBN_PROBLEM_SHAPE = 4    /* a shape other than the call's (dy unlike x, C params unlike C) */
+  SYNCBN_PROBLEM_SHAPE = 4,   /* a shape other than the call's (dy unlike x, C params unlike C) */
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_PROBLEM_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_PROBLEM_RANGE_MAX_ = 2147483647
 } syncbn_problem_t;
 
 /* COLLECTIVE where the call it stands for is (forward training, backward; forward inference is

@@ -109,6 +109,7 @@ const char* syncbn_status_string(syncbn_status_t status) {
     case SYNCBN_ERROR_INTERNAL: return "SYNCBN_ERROR_INTERNAL";
     case SYNCBN_ERROR_TIMEOUT: return "SYNCBN_ERROR_TIMEOUT";
     case SYNCBN_ERROR_COMM_BROKEN: return "SYNCBN_ERROR_COMM_BROKEN";
+    default: break;
   }
   return "SYNCBN_ERROR_UNKNOWN_STATUS";
 }
@@ -338,6 +339,7 @@ syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,
       case SYNCBN_PROBLEM_DEVICE: what = Problem::wrong_memory; break;
       case SYNCBN_PROBLEM_LAYOUT: what = Problem::wrong_layout; break;
       case SYNCBN_PROBLEM_SHAPE: what = Problem::wrong_shape; break;
+      default: break;  // reported as "rejected by the caller"
     }
     on_plan(plan, [&](syncbn::core::Plan& p) {
       p.reject_call(op, {syncbn::core::arg_from_name(argument), what, detail ? detail : ""}, stream);

@@ -60,9 +60,13 @@ std::string describe(Arg arg, Problem problem) {
   switch (problem) {
     case Problem::null: return name + " is null";
     case Problem::channels: return name + ": channel dimension differs from num_features";
-    case Problem::negative: return name + " has a negative dimension";
+    case Problem::negative:
+      return name + (arg == Arg::shape ? " has a negative dimension" : " is negative");
     case Problem::ndim_range: return name + " must be 2 to 5 (N, C and 0 to 3 spatial dims)";
-    case Problem::overflow: return name + ": element count overflows int64";
+    case Problem::overflow:
+      if (arg == Arg::num_batches_tracked) return name + " is INT64_MAX and cannot be incremented";
+      if (arg == Arg::num_features) return name + " must be at most (INT_MAX - 64) / 2";
+      return name + ": element count overflows int64";
     case Problem::not_null: return name + " must be NULL for a CPU plan";
     case Problem::not_positive: return name + " must be positive and finite";
     case Problem::out_of_range:
@@ -120,6 +124,11 @@ void check_participation(const double* slots, int group_size) {
 void check_error_record(const double* slots, int group_size, int rank, const ArgError& mine) {
   check_participation(slots, group_size);
   const long long failed = std::llround(slots[1]);
+  if (failed == 0 && mine) {  // a transport that broke its contract (a custom allreduce)
+    fail(SYNCBN_ERROR_INTERNAL, "guard: the allreduce's sums lost this rank's own failure (rank " +
+                                    std::to_string(rank) + ": " + describe(mine.arg, mine.problem) +
+                                    "): the transport does not sum");
+  }
   if (failed == 0) return;
   const std::string own = mine ? " (this rank, " + std::to_string(rank) + ": " +
                                      describe(mine.arg, mine.problem) +

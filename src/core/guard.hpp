@@ -24,6 +24,9 @@ namespace syncbn::core {
 // Exact test of "all group_size ranks sent the same v" from s1 = sum v and s2 = sum v^2
 // (non-negative integers, exact in fp64): group_size * s2 == s1^2, in 128-bit integers.
 SYNCBN_HD inline bool all_equal(double s1, double s2, int group_size) {
+  // Sums a transport broke (NaN, huge) are no agreement, and must not reach the casts.
+  constexpr double kLimit = 4611686018427387904.0;  // 2^62
+  if (!(s1 >= 0.0 && s1 < kLimit && s2 >= 0.0 && s2 < kLimit)) return false;
   const auto a = static_cast<__int128>(group_size) * static_cast<__int128>(static_cast<long long>(s2 + 0.5));
   const auto r1 = static_cast<__int128>(static_cast<long long>(s1 + 0.5));
   return a == r1 * r1;
@@ -144,6 +147,7 @@ void check_guards(const double* slots, int group_size, int rank, const ArgError&
 // The verdict check_guards reaches, as a yes/no that device code can evaluate: every rank took
 // part, all were in the same call, none failed.
 SYNCBN_HD inline bool guards_pass(const double* slots, int group_size) {
+  if (!(slots[0] + 0.5 >= 0.0 && slots[0] + 0.5 < 2147483648.0)) return false;
   if (static_cast<long long>(slots[0] + 0.5) != group_size || slots[1] != 0.0) return false;
   for (std::size_t i = 0; i < kFingerprintSlots; i += kAgreeSlots) {
     if (!all_equal(slots[kErrorSlots + i], slots[kErrorSlots + i + 1], group_size)) return false;

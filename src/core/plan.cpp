@@ -323,6 +323,10 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   ArgError err = check_forward(a, track, &g, &count);
   require(err, !track || a.num_batches_tracked == nullptr || *a.num_batches_tracked >= 0,
           Arg::num_batches_tracked, Problem::negative);
+  require(err,
+          !track || a.num_batches_tracked == nullptr ||
+              *a.num_batches_tracked < std::numeric_limits<std::int64_t>::max(),
+          Arg::num_batches_tracked, Problem::overflow);  // it is incremented
 
   // [guards | sum x (C) | sum x^2 (C) | m]; a failing rank contributes zeros and its flag.
   double* const sum = buffer_.data() + kGuardSlots;

@@ -54,6 +54,7 @@ std::shared_ptr<comm::Communicator> split_consecutive(comm::Communicator& parent
   put_error_record(verdict, parent.rank(), outcome);
   with_context("syncbn_comm_split", [&] { parent.allreduce_sum(verdict, kErrorSlots); });
   check_error_record(verdict, parent.size(), parent.rank(), outcome);
+  if (!group) fail(SYNCBN_ERROR_INTERNAL, "syncbn_comm_split: the backend made no group");
   return group;
 }
 

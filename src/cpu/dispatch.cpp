@@ -1,6 +1,9 @@
 // The kernel entry points: each forwards to the instruction set chosen once per process.
 #include <cstdlib>
 #include <cstring>
+#if defined(__clang__) && __clang_major__ < 16 && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 
 #include "cpu/kernels.hpp"
 #include "cpu/memory.hpp"
@@ -10,12 +13,38 @@ namespace {
 
 enum class Isa { generic, x86_64_v3, x86_64_v4 };
 
+#if defined(SYNCBN_CPU_MULTI_ISA) && defined(__clang__) && __clang_major__ < 16
+// clang before 16 does not know the x86-64 psABI level names (GCC 12 does): test their
+// features one by one. x86-64-v3: AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE (the builtin's
+// avx and avx2 include the OS's support of the YMM state); x86-64-v4: v3 + AVX512F/BW/CD/DQ/VL.
+bool cpuid_bit(unsigned leaf, int reg, int bit) {
+  unsigned r[4] = {0, 0, 0, 0};
+  if (!__get_cpuid_count(leaf, 0, &r[0], &r[1], &r[2], &r[3])) return false;
+  return ((r[reg] >> bit) & 1u) != 0;
+}
+bool level_supported(Isa isa) {
+  const bool v3 = __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("fma") && cpuid_bit(1, 2, 29) /* f16c */ &&
+                  cpuid_bit(1, 2, 22) /* movbe */ && cpuid_bit(0x80000001u, 2, 5) /* lzcnt */;
+  if (isa == Isa::x86_64_v3) return v3;
+  return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+#elif defined(SYNCBN_CPU_MULTI_ISA)
+bool level_supported(Isa isa) {
+  return isa == Isa::x86_64_v4 ? __builtin_cpu_supports("x86-64-v4")
+                               : __builtin_cpu_supports("x86-64-v3");
+}
+#endif
+
 bool supported(Isa isa) {
 #if defined(SYNCBN_CPU_MULTI_ISA)
   __builtin_cpu_init();
   switch (isa) {
-    case Isa::x86_64_v4: return __builtin_cpu_supports("x86-64-v4");
-    case Isa::x86_64_v3: return __builtin_cpu_supports("x86-64-v3");
+    case Isa::x86_64_v4:
+    case Isa::x86_64_v3: return level_supported(isa);
     case Isa::generic: return true;
   }
   return false;

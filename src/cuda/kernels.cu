@@ -77,6 +77,7 @@ void dispatch(syncbn_dtype_t dtype, F&& f) {
     case SYNCBN_FLOAT64: f(Tag<double>{}); break;
     case SYNCBN_FLOAT16: f(Tag<__half>{}); break;
     case SYNCBN_BFLOAT16: f(Tag<__nv_bfloat16>{}); break;
+    default: break;  // validated at plan creation
   }
 }
 
