@@ -229,12 +229,15 @@ class Communicator:
         def allreduce(address, count, device, stream):
             if device == _capi.DEVICE_CPU:
                 t = _host_view(address, count)
+                # The collective gets a tensor of torch's own memory, not the view: the process
+                # group's worker thread may release it last (at exit, or after a timeout), and
+                # a view's storage holds a Python object, which that thread cannot free then.
                 if backend == "nccl":  # NCCL takes CUDA tensors only
-                    on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-                    wait(dist.all_reduce(on_gpu, group=group, async_op=True), count)
-                    t.copy_(on_gpu.cpu())
+                    own = t.to(torch.device("cuda", torch.cuda.current_device()))
                 else:
-                    wait(dist.all_reduce(t, group=group, async_op=True), count)
+                    own = t.clone()
+                wait(dist.all_reduce(own, group=group, async_op=True), count)
+                t.copy_(own.cpu() if own.is_cuda else own)
             else:
                 dist.all_reduce(torch.as_tensor(_CudaBuffer(address, count), device="cuda"),
                                 group=group)
