@@ -54,6 +54,26 @@ void abandon(const MPI_Request* requests, int n, std::shared_ptr<void> keep_aliv
   keep_forever(std::move(kept));
 }
 
+// Polls the n requests with MPI_Testall until all complete (true) or the clock passes end
+// (false: the requests still pending are abandoned with keep_alive). An MPI error abandons them
+// too and throws Failure(SYNCBN_ERROR_COMM).
+bool poll_until(MPI_Request* requests, int n, double end, std::shared_ptr<void> keep_alive) {
+  int done = 0;
+  for (unsigned i = 0;; ++i) {
+    const int code = MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE);
+    if (code != MPI_SUCCESS) {
+      abandon(requests, n, std::move(keep_alive));
+      check_mpi(code, "MPI_Testall");
+    }
+    if (done) return true;
+    // The clock is read every 64 polls: cheap next to MPI_Testall, fine-grained next to seconds.
+    if ((i & 63u) == 63u && now_seconds() >= end) {
+      abandon(requests, n, std::move(keep_alive));
+      return false;
+    }
+  }
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   // Takes ownership of comm (a communicator this library created).
@@ -192,22 +212,13 @@ class MpiCommunicator final : public Communicator {
     if (send != nullptr) {
       checked(MPI_Isend(send, n, MPI_DOUBLE, peer, kTag, comm_, &requests[1]), "MPI_Isend");
     }
-    int done = 0;
-    for (unsigned i = 0;; ++i) {
-      checked(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
-      if (done) return;
-      if ((i & 63u) == 63u) {
-        const double now = now_seconds();
-        if (now - start >= deadline.seconds) {
-          abandon(requests, 2, wire_);
-          core::fail(SYNCBN_ERROR_TIMEOUT,
-                     "allreduce of " + std::to_string(n) + " doubles over " +
-                         std::to_string(size_) + " ranks did not complete within " +
-                         format_seconds(deadline.seconds) + " (rank " + std::to_string(rank_) +
-                         " waited " + format_seconds(now - start) + ", last for rank " +
-                         std::to_string(peer) + ")");
-        }
-      }
+    if (!poll_until(requests, 2, start + deadline.seconds, wire_)) {
+      core::fail(SYNCBN_ERROR_TIMEOUT,
+                 "allreduce of " + std::to_string(n) + " doubles over " + std::to_string(size_) +
+                     " ranks did not complete within " + format_seconds(deadline.seconds) +
+                     " (rank " + std::to_string(rank_) + " waited " +
+                     format_seconds(now_seconds() - start) + ", last for rank " +
+                     std::to_string(peer) + ")");
     }
   }
 
@@ -234,21 +245,10 @@ void mpi_wait(MPI_Request* request, Deadline deadline, const std::string& what,
     return;
   }
   const double start = now_seconds();
-  const double end = start + deadline.seconds;
-  int done = 0;
-  for (unsigned i = 0;; ++i) {
-    check_mpi(MPI_Test(request, &done, MPI_STATUS_IGNORE), "MPI_Test");
-    if (done) return;
-    // The clock is read every 64 polls: cheap next to MPI_Test, fine-grained next to seconds.
-    if ((i & 63u) == 63u) {
-      const double now = now_seconds();
-      if (now >= end) {
-        abandon(request, 1, std::move(keep_alive));
-        core::fail(SYNCBN_ERROR_TIMEOUT, what + " did not complete within " +
-                                             format_seconds(deadline.seconds) + " (waited " +
-                                             format_seconds(now - start) + ")");
-      }
-    }
+  if (!poll_until(request, 1, start + deadline.seconds, std::move(keep_alive))) {
+    core::fail(SYNCBN_ERROR_TIMEOUT, what + " did not complete within " +
+                                         format_seconds(deadline.seconds) + " (waited " +
+                                         format_seconds(now_seconds() - start) + ")");
   }
 }
 

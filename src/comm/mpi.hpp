@@ -16,7 +16,7 @@ namespace syncbn::comm {
 // MPI_COMM_NULL, SYNCBN_ERROR_COMM if MPI fails, SYNCBN_ERROR_TIMEOUT if a rank does not join.
 std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm mpi_comm);
 
-// Completes request by the deadline (none: MPI_Wait), polling with MPI_Test. On expiry the
+// Completes request by the deadline (none: MPI_Wait), polling with MPI_Testall. On expiry the
 // request is abandoned to a list that is never freed, with keep_alive (the memory MPI may still
 // write when a late peer arrives; MPI forbids freeing or cancelling a pending collective), and
 // Failure(SYNCBN_ERROR_TIMEOUT) is thrown: "<what> did not complete within <seconds>".

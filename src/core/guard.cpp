@@ -181,6 +181,15 @@ bool agreed48(const double* slots, int group_size) {
   return true;
 }
 
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::forward_training: return "forward_training";
+    case Op::forward_inference: return "forward_inference";
+    case Op::backward: return "backward";
+  }
+  return "?";
+}
+
 void put_fingerprint(double* slots, const Fingerprint& fp) {
   put_agree48(slots, fp.plan);
   put_agree(slots + kAgree48Slots, static_cast<std::uint32_t>(fp.op));
@@ -197,10 +206,9 @@ void check_fingerprint(const double* slots, int group_size, const Fingerprint& m
     what = "another call of the sequence (a rank skipped or repeated a call)";
   }
   if (what == nullptr) return;
-  static const char* op_names[] = {"?", "forward_training", "forward_inference", "backward"};
   fail(SYNCBN_ERROR_CALL_MISMATCH,
        std::string("call mismatch: ranks of the group are in different calls, some in ") + what +
-           "; this rank is in " + op_names[static_cast<int>(mine.op) & 3] + " call #" +
+           "; this rank is in " + op_name(mine.op) + " call #" +
            std::to_string(mine.seq) + " of its plan. The plan's call sequence is now out of "
            "step across ranks: destroy it and create it again");
 }

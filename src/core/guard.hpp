@@ -123,6 +123,8 @@ bool agreed48(const double* slots, int group_size);
 // Which call a rank is in: plan tag (48 bits: creation serial and configuration, so two layers
 // collide with probability 2^-48), operation, call sequence number (12 bits).
 enum class Op : std::uint32_t { forward_training = 1, forward_inference = 2, backward = 3 };
+// "forward_training", "forward_inference", "backward" ("?" for another value).
+const char* op_name(Op op);
 struct Fingerprint {
   std::uint64_t plan = 0;
   Op op = Op::forward_training;

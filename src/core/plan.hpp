@@ -165,10 +165,8 @@ void Plan::collective_call(const Fingerprint& fp, F&& body) {
     body();
   } catch (const Failure& f) {
     if (f.status() != SYNCBN_ERROR_TIMEOUT && f.status() != SYNCBN_ERROR_COMM) throw;
-    static const char* const op_names[] = {"?", "forward_training", "forward_inference",
-                                           "backward"};
     fail(f.status(), (name_.empty() ? label() + " " : std::string()) +
-                         op_names[static_cast<int>(fp.op) & 3] + " call #" +
+                         op_name(fp.op) + " call #" +
                          std::to_string(fp.seq) + ": " + f.what() +
                          "; the communicator is now broken (SYNCBN_ERROR_COMM_BROKEN from here on)");
   }
