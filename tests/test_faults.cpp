@@ -233,6 +233,14 @@ int main(int argc, char** argv) {
   const bool is_faulty = g_rank == faulty;
   std::vector<int> pids(static_cast<std::size_t>(g_size));
   const int pid = static_cast<int>(getpid());
+  // tests/run_fault.sh watches the ranks themselves (the launcher can hang after they ended).
+  if (const char* dir = std::getenv("SYNCBN_FAULT_PIDDIR")) {
+    const std::string path = std::string(dir) + "/rank." + std::to_string(g_rank);
+    if (std::FILE* f = std::fopen(path.c_str(), "w")) {
+      std::fprintf(f, "%d\n", pid);
+      std::fclose(f);
+    }
+  }
   MPI_Allgather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, MPI_COMM_WORLD);
 
   {
