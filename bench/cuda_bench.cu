@@ -474,7 +474,7 @@ struct Reference {  // fp64, C values each
 
 constexpr int kRefThreads = 256;
 
-// One block per channel: the exact statistics in fp64 (DESIGN.md section 1).
+// One block per channel: the exact statistics in fp64 (docs/design.md section 1).
 template <class T>
 __global__ void __launch_bounds__(kRefThreads)
     reference_stats(const T* x, const T* dy, int64_t n, int64_t c, int64_t s, bool cl, double eps,

@@ -12,7 +12,7 @@
 // Modes (each times forward training and backward of the same tensors):
 //   local      a plan on syncbn_comm_create_self: the kernels, no communication.
 //   sync       a plan on an MPI communicator over MPI_COMM_WORLD: one MPI_Allreduce(SUM) of
-//              2C + 18 doubles per forward and per backward (DESIGN.md section 1).
+//              2C + 18 doubles per forward and per backward (docs/design.md section 2).
 //   allgather  the exchange of PyTorch's SyncBatchNorm and Apex, as a baseline: every rank
 //              allgathers every rank's statistics (P x the buffer) and combines them itself.
 //              Built into this executable by PMPI interposition: the MPI_Allreduce defined below

@@ -4,7 +4,7 @@
 //
 // The reference works on per-channel lists of values rather than on one tensor, so that the
 // global batch of a group of ranks is simply the concatenation of every rank's per-channel
-// lists, whatever their N and spatial sizes (DESIGN.md section 1). Sums use long double and two
+// lists, whatever their N and spatial sizes (docs/design.md section 1). Sums use long double and two
 // passes (mean, then centered squares), so the reference is far more precise than what any
 // implementation is asked to reach.
 #ifndef SYNCBN_TESTS_REFERENCE_HPP
@@ -260,7 +260,7 @@ std::vector<double> to_double(const std::vector<T>& v) {
 
 // ---- the reference batch norm ---------------------------------------------------------------
 
-// Batch statistics per channel (DESIGN.md 1, forward step 3).
+// Batch statistics per channel (docs/design.md 1.1, step 4).
 struct BatchStats {
   int64_t count = 0;             // m, values per channel
   std::vector<double> mean;      // (1/m) sum x
@@ -291,7 +291,7 @@ inline BatchStats batch_stats(const ChannelValues& v, double eps) {
   return b;
 }
 
-// Running statistics update (DESIGN.md 1.5), in the parameter type P as the library stores them.
+// Running statistics update (docs/design.md 1.1, step 6), in the parameter type P as the library stores them.
 template <class P>
 void update_running(LayerState<P>& st, const BatchStats& b, double momentum) {
   st.num_batches_tracked += 1;
@@ -354,7 +354,7 @@ std::vector<double> eval_invstd(const std::vector<P>& running_var, double eps) {
   return r;
 }
 
-// Backward sums per channel over a set of values (DESIGN.md 1, backward step 1), with the sums of
+// Backward sums per channel over a set of values (docs/design.md 1.3, step 1), with the sums of
 // absolute terms that bound the rounding error of any summation order.
 struct GradSums {
   int64_t count = 0;

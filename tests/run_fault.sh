@@ -12,7 +12,7 @@
 # can hang in its own finalize after MPI_Abort or a killed rank, with every rank already ended
 # and left unreaped: the PMIx server's progress thread deadlocks on a lock while mpirun joins it
 # (PMIx_server_finalize -> pmix_progress_thread_pause, the hang of openpmix issue 1244; seen
-# about once in ten aborts under TSan, whose slower ranks change the timing). For an expected
+# in 1 of 61 aborts under TSan here and once in CI; slower ranks change the timing). For an expected
 # failure, a launcher still running 5 s after its last rank ended is reported as that launcher
 # hang and killed, and the job counts as ended when its last rank did: what syncbn controls is
 # that no rank waits forever. Any rank still running at SECONDS fails the check.

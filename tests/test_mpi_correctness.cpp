@@ -49,7 +49,7 @@ struct Scenario {
   int64_t channels = 3;
   double offset = 0;  // added to every channel's mean (mean / std of ~1e4 tests precision)
   // Relative tolerance of the statistics, when looser than the dtype's: sums of x and x^2 in
-  // one allreduce lose log10(mean^2 / var) digits in var = q / m - mean^2 (DESIGN.md 1.3), so
+  // one allreduce lose log10(mean^2 / var) digits in var = q / m - mean^2 (docs/design.md section 3), so
   // far from zero even fp64 data only reaches what the design promises, 1e-5.
   double stats_rel = 0;
 };

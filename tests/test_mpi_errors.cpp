@@ -1,4 +1,4 @@
-// Multi-process failure handling (DESIGN.md section 2): a rank that rejects its arguments still
+// Multi-process failure handling (docs/design.md section 4): a rank that rejects its arguments still
 // takes part in the collective, so that every rank returns the same status and a message naming
 // the rank and the argument, and nothing changes anywhere; disagreeing configurations fail
 // plan creation everywhere; divergent call sequences fail every call that met them.

@@ -645,6 +645,17 @@ TEST(CApi, StatusStrings) {
   EXPECT_NE(syncbn_last_error(), nullptr);
 }
 
+// The version the loaded library reports is the headers' (both come from CMake's project()).
+TEST(CApi, VersionMatchesTheHeaders) {
+  int version = -1;
+  ASSERT_EQ(syncbn_get_version(&version), SYNCBN_SUCCESS);
+  EXPECT_EQ(version, SYNCBN_VERSION_CODE);
+  EXPECT_EQ(version, SYNCBN_VERSION_MAJOR * 10000 + SYNCBN_VERSION_MINOR * 100 + SYNCBN_VERSION_PATCH);
+  EXPECT_EQ(syncbn::version(), version);
+  EXPECT_EQ(syncbn_get_version(nullptr), SYNCBN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(syncbn_last_error()).find("version is null"), std::string::npos);
+}
+
 // The last-error message is per thread: a failure on another thread does not replace this one's.
 TEST(CApi, LastErrorIsPerThread) {
   syncbn_config_t cfg;

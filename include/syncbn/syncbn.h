@@ -69,6 +69,10 @@
  * where they timed out: its running statistics then differ from theirs, and the job, whose
  * communicators are broken on the other ranks, should end (syncbn_comm_abort).
  *
+ * The contract in full (the packed buffer, the guard protocol, the precision argument, the
+ * failure semantics): docs/design.md in the source tree, installed as
+ * share/doc/syncbn/design.md.
+ *
  * Bitwise-identical running statistics across ranks rely on the allreduce returning the same
  * sums on every rank, as MPI advises and Open MPI and MPICH do.
  *
@@ -113,6 +117,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "syncbn/version.h" /* SYNCBN_VERSION_MAJOR, _MINOR, _PATCH, _CODE */
+
 #if defined(_WIN32) && defined(SYNCBN_BUILDING)
 #define SYNCBN_API __declspec(dllexport)
 #elif defined(_WIN32)
@@ -127,9 +133,6 @@
 extern "C" {
 #endif
 
-#define SYNCBN_VERSION_MAJOR 0
-#define SYNCBN_VERSION_MINOR 3
-#define SYNCBN_VERSION_PATCH 0
 
 /* Status codes. Every call returns one; syncbn_last_error() gives the detail. */
 typedef enum syncbn_status {
@@ -227,6 +230,11 @@ SYNCBN_API const char* syncbn_status_string(syncbn_status_t status);
 /* The message of the last failed call on this thread ("" if none). Valid until the next call
    into syncbn on this thread. */
 SYNCBN_API const char* syncbn_last_error(void);
+
+/* The version of the library loaded, as MAJOR * 10000 + MINOR * 100 + PATCH (0.3.0: 300), in
+   *version: compare it with SYNCBN_VERSION_CODE (syncbn/version.h) of the headers compiled
+   against, as ncclGetVersion is used. Returns SYNCBN_ERROR_INVALID_ARGUMENT if version is NULL. */
+SYNCBN_API syncbn_status_t syncbn_get_version(int* version);
 
 /* Fills *config with the defaults above for num_features channels of dtype. Does not validate
    (syncbn_plan_create does). Returns SYNCBN_ERROR_INVALID_ARGUMENT if config is NULL. */

@@ -33,6 +33,13 @@ inline void check(syncbn_status_t status) {
   if (status != SYNCBN_SUCCESS) throw Error(status, syncbn_last_error());
 }
 
+// The loaded library's version, MAJOR * 10000 + MINOR * 100 + PATCH (syncbn_get_version).
+inline int version() {
+  int v = 0;
+  check(syncbn_get_version(&v));
+  return v;
+}
+
 // A group of ranks. Owns a syncbn_comm_t.
 class Communicator {
  public:

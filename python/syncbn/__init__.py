@@ -10,8 +10,8 @@ and per backward, computed by libsyncbn (C, OpenMP and CUDA kernels) through its
 syncbn.torch needs torch >= 1.13; it is imported on its own (import syncbn.torch).
 """
 
-from ._capi import Status, SyncBNError, library_path
+from ._capi import Status, SyncBNError, library_path, library_version
 from .comm import Communicator
 
-__version__ = "0.3.0"
+__version__ = library_version()  # the loaded libsyncbn's (syncbn_get_version)
 __all__ = ["Communicator", "Status", "SyncBNError", "library_path", "__version__"]

@@ -93,6 +93,7 @@ def _load():
     protos = {
         "syncbn_status_string": (ctypes.c_char_p, [ctypes.c_int]),
         "syncbn_last_error": (ctypes.c_char_p, []),
+        "syncbn_get_version": (_status, [ctypes.POINTER(ctypes.c_int)]),
         "syncbn_config_init": (_status, [ctypes.POINTER(Config), ctypes.c_int64, ctypes.c_int]),
         "syncbn_comm_create_self": (_status, [ctypes.POINTER(_p)]),
         "syncbn_comm_create_custom": (_status, [ctypes.c_int, ctypes.c_int, ALLREDUCE_FN,
@@ -125,6 +126,14 @@ def _load():
 
 
 lib = _load()
+
+
+def library_version():
+    """The loaded libsyncbn's version, "MAJOR.MINOR.PATCH" (syncbn_get_version)."""
+    code = ctypes.c_int(0)
+    if lib.syncbn_get_version(ctypes.byref(code)) != 0:
+        raise ImportError("syncbn_get_version failed")
+    return f"{code.value // 10000}.{code.value // 100 % 100}.{code.value % 100}"
 
 # A Python exception raised inside a callback (a custom communicator's allreduce or split) on
 # this thread: the callback returns an error code to C, and check() raises it, chained.

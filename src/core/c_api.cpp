@@ -116,6 +116,13 @@ const char* syncbn_status_string(syncbn_status_t status) {
 
 const char* syncbn_last_error(void) { return syncbn::core::last_error(); }
 
+syncbn_status_t syncbn_get_version(int* version) {
+  return guarded([&] {
+    require_out(version, "version");
+    *version = SYNCBN_VERSION_CODE;
+  });
+}
+
 syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t num_features,
                                    syncbn_dtype_t dtype) {
   return guarded([&] {

@@ -1,4 +1,4 @@
-// Guard slots: how ranks reach one verdict without extra collectives (DESIGN.md section 2).
+// Guard slots: how ranks reach one verdict without extra collectives (docs/design.md section 2).
 //
 // Every collective this library makes is an allreduce(SUM) of fp64 slots. Next to the data it
 // carries:

@@ -35,7 +35,7 @@ constexpr std::int64_t kShortRow = 256;
 constexpr int kShortLanes = 16;
 // Below this many elements a pass runs on one thread (a parallel region costs microseconds).
 constexpr std::int64_t kParallelMin = 32768;
-// Channels-last rows summed in the data type before one fp64 merge (DESIGN.md section 1, step 1:
+// Channels-last rows summed in the data type before one fp64 merge (docs/design.md section 3:
 // "blocked partials merged in fp64"): 16 rows measured best among 4, 8, 16 for C = 64 to 2048.
 constexpr std::int64_t kGroupRows = 16;
 // Channels-last rows at least this many bytes long are swept 4 at a time (a quarter of the

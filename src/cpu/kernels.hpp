@@ -66,7 +66,7 @@ void reserve_workspace(Workspace& ws, std::int64_t channels);
 // channel, accumulated in fp64. Inner size > 1 (channels-first with spatial dims): fp32 data is
 // widened first, so differences and squares are exact. Inner size 1 (channels-last, or (N, C)
 // input): terms are formed in the data type and summed over groups of up to 16 rows in it, then
-// merged in fp64 (DESIGN.md section 1, step 1, "blocked partials merged in fp64"; a group's
+// merged in fp64 (docs/design.md section 3, "blocked partials merged in fp64"; a group's
 // relative error is about 16 ulp of its absolute sum, the merge adds none); where an fp32 group
 // overflows (|x - shift| above ~1e19) the reduction is redone in fp64. A shift near the mean
 // keeps the sums free of cancellation (core::unshift_moments turns them back into plain sums).

@@ -22,6 +22,12 @@ int main(void) {
   syncbn_comm_t comm;
   syncbn_config_t config;
   syncbn_plan_t plan;
+  int version = 0;
+  CHECK(syncbn_get_version(&version)); /* the installed, generated syncbn/version.h agrees */
+  if (version != SYNCBN_VERSION_CODE) {
+    fprintf(stderr, "consumer_c: library version %d, headers %d\n", version, SYNCBN_VERSION_CODE);
+    return 1;
+  }
   CHECK(syncbn_comm_create_self(&comm));
   CHECK(syncbn_config_init(&config, C, SYNCBN_FLOAT32));
   CHECK(syncbn_plan_create(comm, &config, &plan));
