@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/error.hpp"
+#include "cuda/runtime.hpp"
 #ifdef SYNCBN_HAVE_MPI
 #include <mpi.h>
 #endif
@@ -50,29 +51,32 @@ Deadline remaining(Deadline deadline, double start) {
   return Deadline{std::max(deadline.seconds - (now_seconds() - start), 1e-3)};
 }
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    core::fail(SYNCBN_ERROR_INTERNAL, std::string(what) + " failed: " + cudaGetErrorString(e));
-  }
-}
+using cuda::check_cuda;
+
+// Host buffers a plan creation or a split sums at most (core/plan.cpp: 5 + 9 * 8 slots).
+constexpr std::size_t kHostSlots = 128;
 
 class NcclCommunicator final : public Communicator {
  public:
+  // Local (no collective): the stream and memory of host allreduces are made here, so that a
+  // rank that cannot get them fails before any collective, not inside one its peers wait in.
   NcclCommunicator(ncclComm_t comm, bool owned) : comm_(comm), owned_(owned) {
     settle_nccl(ncclCommUserRank(comm_, &rank_), comm_, "ncclCommUserRank", {}, nullptr);
     settle_nccl(ncclCommCount(comm_, &size_), comm_, "ncclCommCount", {}, nullptr);
     settle_nccl(ncclCommCuDevice(comm_, &device_), comm_, "ncclCommCuDevice", {}, nullptr);
+    try {
+      cuda::DeviceSwitch on(device_);
+      check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+      check_cuda(cudaMalloc(&scratch_, kHostSlots * sizeof(double)), "cudaMalloc");
+      check_cuda(cudaMallocHost(&pinned_, kHostSlots * sizeof(double)), "cudaMallocHost");
+    } catch (...) {
+      release();
+      throw;
+    }
   }
   ~NcclCommunicator() override {
-    int current = -1;
-    cudaGetDevice(&current);
-    cudaSetDevice(device_);
-    if (scratch_ != nullptr) cudaFree(scratch_);
-    if (pinned_ != nullptr) cudaFreeHost(pinned_);
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    release();
     if (owned_ && !aborted_) ncclCommDestroy(comm_);
-    if (current >= 0) cudaSetDevice(current);
   }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -88,26 +92,12 @@ class NcclCommunicator final : public Communicator {
   // the host until the allreduce completed, deadline or not).
   void allreduce_host(double* buffer, std::size_t count, Deadline deadline) override {
     const double start = now_seconds();
-    int current = -1;
-    check_cuda(cudaGetDevice(&current), "cudaGetDevice");
-    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-    struct Restore {
-      int device;
-      ~Restore() { cudaSetDevice(device); }
-    } restore{current};
-    if (stream_ == nullptr) {
-      check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    if (count > kHostSlots) {
+      core::fail(SYNCBN_ERROR_INTERNAL, "NCCL host allreduce of " + std::to_string(count) +
+                                            " doubles, more than the " +
+                                            std::to_string(kHostSlots) + " it holds");
     }
-    if (count > scratch_count_) {
-      if (scratch_ != nullptr) cudaFree(scratch_);
-      if (pinned_ != nullptr) cudaFreeHost(pinned_);
-      scratch_ = nullptr;
-      pinned_ = nullptr;
-      scratch_count_ = 0;
-      check_cuda(cudaMalloc(&scratch_, count * sizeof(double)), "cudaMalloc");
-      check_cuda(cudaMallocHost(&pinned_, count * sizeof(double)), "cudaMallocHost");
-      scratch_count_ = count;
-    }
+    cuda::DeviceSwitch on(device_);
     const std::size_t bytes = count * sizeof(double);
     std::memcpy(pinned_, buffer, bytes);
     check_cuda(cudaMemcpyAsync(scratch_, pinned_, bytes, cudaMemcpyHostToDevice, stream_),
@@ -189,10 +179,19 @@ class NcclCommunicator final : public Communicator {
   int rank_ = 0;
   int size_ = 1;
   int device_ = 0;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // host allreduces: stream, device scratch, pinned copy
   double* scratch_ = nullptr;
   double* pinned_ = nullptr;
-  std::size_t scratch_count_ = 0;
+
+  void release() {
+    cuda::DeviceSwitch on(device_);
+    if (scratch_ != nullptr) cudaFree(scratch_);
+    if (pinned_ != nullptr) cudaFreeHost(pinned_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    scratch_ = nullptr;
+    pinned_ = nullptr;
+    stream_ = nullptr;
+  }
 };
 
 }  // namespace

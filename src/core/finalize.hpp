@@ -8,6 +8,7 @@
 #define SYNCBN_CORE_FINALIZE_HPP
 
 #include <cmath>
+#include <cstdint>
 
 #include "core/hd.hpp"
 
@@ -92,6 +93,105 @@ SYNCBN_HD inline BackwardCoefficients<T> backward_coefficients(double center, do
   const double a = weight * invstd;
   return {static_cast<T>(center), static_cast<T>(a),
           static_cast<T>(a * invstd * invstd * sum_gx / m), static_cast<T>(-a * sum_g / m)};
+}
+
+// ---- the per-channel finalize of each direction, called by the CPU loop (src/cpu/backend.cpp)
+// and the CUDA kernels (src/cuda/kernels.cu) alike ---------------------------------------------
+
+// A forward call's options and the caller's per-channel arrays (parameter type P, C values;
+// docs/design.md 1.1, steps 4-7).
+struct ForwardFinalize {
+  int group_size = 1;       // the verdict's group (the CUDA kernel evaluates it)
+  bool track = false;       // update the running statistics
+  double momentum = 0.0;    // NaN: cumulative
+  double eps = 1e-5;
+  bool affine = false;
+  const void* weight = nullptr;  // when affine
+  const void* bias = nullptr;    // when affine
+  void* save_mean = nullptr;     // may be NULL
+  void* save_invstd = nullptr;   // may be NULL
+  void* running_mean = nullptr;  // when track
+  void* running_var = nullptr;   // when track
+  long long* num_batches_tracked = nullptr;  // may be NULL (CUDA: device memory)
+  std::uint32_t op = 0;          // core::Op, for the CUDA async record
+};
+
+// A backward call's (docs/design.md 1.3, steps 4-5).
+struct BackwardFinalize {
+  int group_size = 1;
+  bool affine = false;
+  bool global_param_grads = false;
+  const void* weight = nullptr;  // when affine
+  const void* save_mean = nullptr;
+  const void* save_invstd = nullptr;
+  void* dweight = nullptr;  // may be NULL
+  void* dbias = nullptr;    // may be NULL
+  std::uint32_t op = 0;
+};
+
+template <class P>
+SYNCBN_HD inline double parameter(const void* p, std::int64_t c, bool present, double otherwise) {
+  return present ? static_cast<double>(static_cast<const P*>(p)[c]) : otherwise;
+}
+
+// Channel c of a forward from the group's sums [s (C) | q (C)] and count m: saved statistics,
+// the coefficients [center | scale | shift] (C each), and with f.track the running statistics
+// with weight a (running_factor).
+template <class P>
+SYNCBN_HD inline void finalize_forward_channel(const ForwardFinalize& f, const double* sums,
+                                               std::int64_t C, std::int64_t c, double m, double a,
+                                               P* coefficients) {
+  const Moments mo = moments_from_sums(sums[c], sums[C + c], m, f.eps);
+  if (f.save_mean) static_cast<P*>(f.save_mean)[c] = static_cast<P>(mo.mean);
+  if (f.save_invstd) static_cast<P*>(f.save_invstd)[c] = static_cast<P>(mo.invstd);
+  const AffineCoefficients<P> co = affine_coefficients<P>(
+      mo.mean, mo.invstd, parameter<P>(f.weight, c, f.affine, 1.0),
+      parameter<P>(f.bias, c, f.affine, 0.0));
+  coefficients[c] = co.center;
+  coefficients[C + c] = co.scale;
+  coefficients[2 * C + c] = co.shift;
+  if (f.track) {
+    update_running(static_cast<P*>(f.running_mean)[c], static_cast<P*>(f.running_var)[c], mo, m, a);
+  }
+}
+
+// Channel c of an inference with running statistics: the coefficients [center | scale | shift].
+template <class P>
+SYNCBN_HD inline void finalize_running_channel(double eps, bool affine, const void* weight,
+                                               const void* bias, const P* running_mean,
+                                               const P* running_var, std::int64_t C,
+                                               std::int64_t c, P* coefficients) {
+  const double invstd = 1.0 / sqrt(static_cast<double>(running_var[c]) + eps);
+  const AffineCoefficients<P> co = affine_coefficients<P>(
+      running_mean[c], invstd, parameter<P>(weight, c, affine, 1.0),
+      parameter<P>(bias, c, affine, 0.0));
+  coefficients[c] = co.center;
+  coefficients[C + c] = co.scale;
+  coefficients[2 * C + c] = co.shift;
+}
+
+// Channel c of a backward from the group's sums [sum_g (C) | sum_gx (C)] and m: the
+// coefficients [center | a | k | d] (C each), and dweight / dbias (when affine and given) from
+// the group's sums with f.global_param_grads, else from this rank's (local).
+template <class P>
+SYNCBN_HD inline void finalize_backward_channel(const BackwardFinalize& f, const double* sums,
+                                                const double* local, std::int64_t C,
+                                                std::int64_t c, double m, P* coefficients) {
+  const P* save_mean = static_cast<const P*>(f.save_mean);
+  const P* save_invstd = static_cast<const P*>(f.save_invstd);
+  const BackwardCoefficients<P> co = backward_coefficients<P>(
+      save_mean[c], save_invstd[c], parameter<P>(f.weight, c, f.affine, 1.0), sums[c],
+      sums[C + c], m);
+  coefficients[c] = co.center;
+  coefficients[C + c] = co.a;
+  coefficients[2 * C + c] = co.k;
+  coefficients[3 * C + c] = co.d;
+  if (!f.affine) return;
+  const double* src = f.global_param_grads ? sums : local;
+  if (f.dweight) {
+    static_cast<P*>(f.dweight)[c] = static_cast<P>(src[C + c] * static_cast<double>(save_invstd[c]));
+  }
+  if (f.dbias) static_cast<P*>(f.dbias)[c] = static_cast<P>(src[c]);
 }
 
 }  // namespace syncbn::core

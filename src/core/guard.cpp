@@ -46,6 +46,16 @@ std::uint32_t encode(const ArgError& e) { return error_code(e.arg, e.problem); }
 
 }  // namespace
 
+void require(ArgError& err, bool ok, Arg arg, Problem problem) {
+  if (!err && !ok) err = {arg, problem, {}};
+}
+
+void fail_local(int rank, const ArgError& err) {
+  fail(status_of(err.problem), "rank " + std::to_string(rank) + ": " +
+                                   describe(err.arg, err.problem) +
+                                   (err.detail.empty() ? "" : " (" + err.detail + ")"));
+}
+
 Arg arg_from_name(const char* name) {
   if (name == nullptr) return Arg::other;
   const std::string wanted = name;
@@ -156,15 +166,23 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
 }
 
 void check_batch_count(double m, bool track) {
-  if (m < 1.0) {
-    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
-         "the group's batch is empty (0 values per channel over all ranks)");
+  switch (batch_verdict(m, track)) {
+    case Verdict::empty_batch:
+      fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
+           "the group's batch is empty (0 values per channel over all ranks)");
+    case Verdict::single_value:
+      fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
+           "1 value per channel over all ranks in training with track_running_stats: the "
+           "unbiased running variance var * m / (m - 1) is undefined");
+    default:
+      return;
   }
-  if (track && m < 2.0) {
-    fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
-         "1 value per channel over all ranks in training with track_running_stats: the "
-         "unbiased running variance var * m / (m - 1) is undefined");
-  }
+}
+
+void check_verdict(const double* slots, int group_size, int rank, const ArgError& mine,
+                   const Fingerprint& fp, double m, bool track) {
+  check_guards(slots, group_size, rank, mine, fp);
+  check_batch_count(m, track);
 }
 
 
@@ -190,22 +208,14 @@ const char* op_name(Op op) {
   return "?";
 }
 
-void put_fingerprint(double* slots, const Fingerprint& fp) {
-  put_agree48(slots, fp.plan);
-  put_agree(slots + kAgree48Slots, static_cast<std::uint32_t>(fp.op));
-  put_agree(slots + kAgree48Slots + kAgreeSlots, fp.seq);
-}
+namespace {
 
-void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine) {
-  const char* what = nullptr;
-  if (!agreed48(slots, group_size)) {
-    what = "another plan (layer)";
-  } else if (!agreed(slots + kAgree48Slots, group_size)) {
-    what = "another operation (forward vs backward, training vs inference)";
-  } else if (!agreed(slots + kAgree48Slots + kAgreeSlots, group_size)) {
-    what = "another call of the sequence (a rank skipped or repeated a call)";
-  }
-  if (what == nullptr) return;
+// The message of a fingerprint verdict (other_plan, other_op, other_call).
+[[noreturn]] void fail_call_mismatch(Verdict v, const Fingerprint& mine) {
+  const char* what = v == Verdict::other_plan ? "another plan (layer)"
+                     : v == Verdict::other_op
+                         ? "another operation (forward vs backward, training vs inference)"
+                         : "another call of the sequence (a rank skipped or repeated a call)";
   fail(SYNCBN_ERROR_CALL_MISMATCH,
        std::string("call mismatch: ranks of the group are in different calls, some in ") + what +
            "; this rank is in " + op_name(mine.op) + " call #" +
@@ -213,16 +223,28 @@ void check_fingerprint(const double* slots, int group_size, const Fingerprint& m
            "step across ranks: destroy it and create it again");
 }
 
+}  // namespace
+
 void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint& fp) {
   put_error_record(slots, rank, mine);
-  put_fingerprint(slots + kErrorSlots, fp);
+  put_agree48(slots + kErrorSlots, fp.plan);
+  put_agree(slots + kErrorSlots + kAgree48Slots, static_cast<std::uint32_t>(fp.op));
+  put_sequence(slots, fp.seq);
 }
 
 void check_guards(const double* slots, int group_size, int rank, const ArgError& mine,
                   const Fingerprint& fp) {
-  check_participation(slots, group_size);
-  check_fingerprint(slots + kErrorSlots, group_size, fp);
-  check_error_record(slots, group_size, rank, mine);
+  switch (const Verdict v = guard_verdict(slots, group_size)) {
+    case Verdict::participation:
+      check_participation(slots, group_size);
+      fail(SYNCBN_ERROR_INTERNAL, "guard: the participation count is not a number of ranks");
+    case Verdict::other_plan:
+    case Verdict::other_op:
+    case Verdict::other_call:
+      fail_call_mismatch(v, fp);
+    default:  // rank_failed, or pass (which check_error_record checks against this rank's error)
+      check_error_record(slots, group_size, rank, mine);
+  }
 }
 
 }  // namespace syncbn::core

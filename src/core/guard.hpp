@@ -84,6 +84,11 @@ struct ArgError {
   explicit operator bool() const { return arg != Arg::none; }
 };
 
+// The first problem found wins: sets err to (arg, problem) unless ok or err is already set.
+void require(ArgError& err, bool ok, Arg arg, Problem problem = Problem::null);
+// The rank's own error, raised on this rank only ("rank 2: weight is null").
+[[noreturn]] void fail_local(int rank, const ArgError& err);
+
 // "weight is null", "shape: channel dimension differs from num_features", ...
 std::string describe(Arg arg, Problem problem);
 // The argument of a C API name ("x", "running_var", ...); Arg::other for NULL or another name.
@@ -131,11 +136,13 @@ struct Fingerprint {
   std::uint64_t seq = 0;
 };
 constexpr std::size_t kFingerprintSlots = kAgree48Slots + 2 * kAgreeSlots;
-// Where the sequence number's pair sits in a packed buffer (CUDA plans write it on the device).
+// Where the sequence number's pair sits in a packed buffer.
 constexpr std::size_t kSequenceSlot = kErrorSlots + kAgree48Slots + kAgreeSlots;
-void put_fingerprint(double* slots, const Fingerprint& fp);
-// Throws Failure(SYNCBN_ERROR_CALL_MISMATCH) on every rank if any rank is in another call.
-void check_fingerprint(const double* slots, int group_size, const Fingerprint& mine);
+// Writes the sequence number's pair of a packed buffer's guards (put_guards does; CUDA plans
+// rewrite it on the device from their call counter).
+SYNCBN_HD inline void put_sequence(double* guards, std::uint64_t seq) {
+  put_agree(guards + kSequenceSlot, seq);
+}
 
 // Everything a per-call packed buffer carries, at its start: at a fixed offset, so that even
 // ranks in calls of different plans (different C) compare the same slots.
@@ -146,21 +153,55 @@ void put_guards(double* slots, int rank, const ArgError& mine, const Fingerprint
 void check_guards(const double* slots, int group_size, int rank, const ArgError& mine,
                   const Fingerprint& fp);
 
-// The verdict check_guards reaches, as a yes/no that device code can evaluate: every rank took
-// part, all were in the same call, none failed.
-SYNCBN_HD inline bool guards_pass(const double* slots, int group_size) {
-  if (!(slots[0] + 0.5 >= 0.0 && slots[0] + 0.5 < 2147483648.0)) return false;
-  if (static_cast<long long>(slots[0] + 0.5) != group_size || slots[1] != 0.0) return false;
-  for (std::size_t i = 0; i < kFingerprintSlots; i += kAgreeSlots) {
-    if (!all_equal(slots[kErrorSlots + i], slots[kErrorSlots + i + 1], group_size)) return false;
+// A call's verdict, in the order it is reached (docs/design.md section 2.3), written once: device
+// code evaluates it (verdict_of) and the host turns it into a status and message (check_guards,
+// check_batch_count, check_verdict).
+enum class Verdict : int {
+  pass = 0,
+  participation,  // the participation count is not the group size
+  other_plan,     // the plan tags differ
+  other_op,       // the operations differ
+  other_call,     // the sequence numbers differ
+  rank_failed,    // a rank sent an error
+  empty_batch,    // m < 1
+  single_value,   // m < 2 in training with running statistics
+};
+
+// The guards' part of the verdict: participation, fingerprint, error record.
+SYNCBN_HD inline Verdict guard_verdict(const double* slots, int group_size) {
+  if (!(slots[0] + 0.5 >= 0.0 && slots[0] + 0.5 < 2147483648.0) ||
+      static_cast<long long>(slots[0] + 0.5) != group_size) {
+    return Verdict::participation;
   }
-  return true;
+  const double* f = slots + kErrorSlots;
+  for (std::size_t i = 0; i < kAgree48Slots; i += kAgreeSlots) {
+    if (!all_equal(f[i], f[i + 1], group_size)) return Verdict::other_plan;
+  }
+  if (!all_equal(f[kAgree48Slots], f[kAgree48Slots + 1], group_size)) return Verdict::other_op;
+  if (!all_equal(f[kAgree48Slots + kAgreeSlots], f[kAgree48Slots + kAgreeSlots + 1], group_size)) {
+    return Verdict::other_call;
+  }
+  return slots[1] != 0.0 ? Verdict::rank_failed : Verdict::pass;
 }
 
-// After the guards: the group's count per channel m must be >= 1, and >= 2 in training with
-// running statistics (the unbiased variance). Throws Failure(SYNCBN_ERROR_BATCH_TOO_SMALL).
+// The group's count per channel m must be >= 1, and >= 2 in training with running statistics
+// (the unbiased variance).
+SYNCBN_HD inline Verdict batch_verdict(double m, bool track) {
+  if (!(m >= 1.0)) return Verdict::empty_batch;
+  return track && m < 2.0 ? Verdict::single_value : Verdict::pass;
+}
+
+// The whole verdict of a packed buffer [guards | 2C sums | m].
+SYNCBN_HD inline Verdict verdict_of(const double* slots, int group_size, double m, bool track) {
+  const Verdict v = guard_verdict(slots, group_size);
+  return v != Verdict::pass ? v : batch_verdict(m, track);
+}
+
+// Throws Failure(SYNCBN_ERROR_BATCH_TOO_SMALL) unless batch_verdict passes.
 void check_batch_count(double m, bool track);
-SYNCBN_HD inline bool batch_count_ok(double m, bool track) { return m >= 1.0 && (!track || m >= 2.0); }
+// check_guards, then check_batch_count.
+void check_verdict(const double* slots, int group_size, int rank, const ArgError& mine,
+                   const Fingerprint& fp, double m, bool track);
 
 }  // namespace syncbn::core
 

@@ -87,27 +87,7 @@ syncbn_config_t normalized(const syncbn_config_t& c) {
   return n;
 }
 
-
-template <class T>
-const T* as(const void* p) {
-  return static_cast<const T*>(p);
-}
-template <class T>
-T* as(void* p) {
-  return static_cast<T*>(p);
-}
-
 }  // namespace
-
-void require(ArgError& err, bool ok, Arg arg, Problem problem) {
-  if (!err && !ok) err = {arg, problem, {}};
-}
-
-void fail_local(int rank, const ArgError& err) {
-  fail(status_of(err.problem), "rank " + std::to_string(rank) + ": " +
-                                   describe(err.arg, err.problem) +
-                                   (err.detail.empty() ? "" : " (" + err.detail + ")"));
-}
 
 ArgError validate_config(const syncbn_config_t& c) {
   ArgError err;
@@ -155,14 +135,14 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
   require(err, !out_of_memory, Arg::memory, Problem::out_of_memory);
   if (!err) {
     try {
-      plan.reset(new Plan(comm, c, tag, serial));
+      std::unique_ptr<Backend> backend = c.device == SYNCBN_DEVICE_CUDA
+                                             ? make_cuda_backend(c, *comm, err)
+                                             : make_cpu_backend(c);
+      if (!err) plan.reset(new Plan(comm, c, tag, serial, std::move(backend)));
     } catch (const std::bad_alloc&) {
       err = {Arg::memory, Problem::out_of_memory, {}};
     }
   }
-#ifdef SYNCBN_HAVE_CUDA
-  if (!err && c.device == SYNCBN_DEVICE_CUDA) err = plan->init_cuda();
-#endif
 
   double buffer[kErrorSlots + kConfigFields * kAgree48Slots];
   put_error_record(buffer, comm->rank(), err);
@@ -184,9 +164,11 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
 }
 
 Plan::~Plan() {
-  // On a broken communicator an abandoned collective may still write the plan's device memory
+  // On a broken communicator an abandoned collective may still write the backend's memory
   // (CUDA-aware MPI) or use it (NCCL kernels): keep it for the rest of the process.
-  if (device_ && comm_->broken()) comm::keep_forever(std::shared_ptr<DeviceResources>(std::move(device_)));
+  if (backend_ && backend_->exposed_to_transport() && comm_->broken()) {
+    comm::keep_forever(std::shared_ptr<Backend>(std::move(backend_)));
+  }
 }
 
 std::string Plan::label() const {
@@ -194,32 +176,12 @@ std::string Plan::label() const {
 }
 
 Plan::Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-           std::uint64_t tag, std::uint32_t serial)
-    : comm_(std::move(comm)), config_(config), tag_(tag), serial_(serial) {
-  if (config_.device == SYNCBN_DEVICE_CUDA) return;  // init_cuda allocates on the device
-  const auto C = static_cast<std::size_t>(config_.num_features);
-  buffer_.assign(kGuardSlots + 2 * C + 1, 0.0);
-  local_.assign(2 * C, 0.0);
-  if (config_.dtype == SYNCBN_FLOAT64) {
-    scratch64_.assign(kScratchArrays * C, 0.0);
-  } else {
-    scratch32_.assign(kScratchArrays * C, 0.0f);
-  }
-  cpu::reserve_workspace(workspace_, config_.num_features);
-}
+           std::uint64_t tag, std::uint32_t serial, std::unique_ptr<Backend> backend)
+    : comm_(std::move(comm)), config_(config), tag_(tag), serial_(serial),
+      backend_(std::move(backend)) {}
 
-template <class T>
-T* Plan::scratch(int i) {
-  const auto offset = static_cast<std::size_t>(i) * static_cast<std::size_t>(config_.num_features);
-  if constexpr (std::is_same_v<T, double>) {
-    return scratch64_.data() + offset;
-  } else {
-    return scratch32_.data() + offset;
-  }
-}
-
-ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
-  *g = cpu::Geometry{0, config_.num_features, 1};
+ArgError Plan::check_shape(const TensorShape& shape, Geometry* g) const {
+  *g = Geometry{0, config_.num_features, 1};
   ArgError err;
   require(err, shape.ndim >= 2 && shape.ndim <= 5, Arg::ndim, Problem::ndim_range);
   require(err, shape.dims != nullptr, Arg::shape);
@@ -254,260 +216,149 @@ ArgError Plan::check_shape(const TensorShape& shape, cpu::Geometry* g) const {
     return {Arg::shape, Problem::overflow, {}};
   }
   if (config_.layout == SYNCBN_CHANNELS_LAST || shape.ndim == 2) {
-    *g = cpu::Geometry{N * spatial, C, 1};
+    *g = Geometry{N * spatial, C, 1};
   } else {
-    *g = cpu::Geometry{N, C, spatial};
+    *g = Geometry{N, C, spatial};
   }
   return err;
 }
 
-ArgError Plan::check_forward(const ForwardArgs& a, bool track, cpu::Geometry* g,
-                             std::int64_t* count) const {
-  ArgError err = a.rejected ? *a.rejected : check_shape(a.shape, g);
-  *count = err ? 0 : g->count_per_channel();
-  require(err, *count == 0 || a.x != nullptr, Arg::x);
-  require(err, *count == 0 || a.y != nullptr, Arg::y);
+void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
+  ArgError& err = call.err;
+  err = a.rejected ? *a.rejected : check_shape(a.shape, &call.g);
+  call.count = err ? 0 : call.g.count_per_channel();
+  require(err, call.count == 0 || a.x != nullptr, Arg::x);
+  require(err, call.count == 0 || a.y != nullptr, Arg::y);
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, !config_.affine || a.bias != nullptr, Arg::bias);
-  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
-          Problem::not_null);
+  call.stream = a.stream;
+  backend_->check_call(call);
   require(err, !track || a.running_mean != nullptr, Arg::running_mean);
   require(err, !track || a.running_var != nullptr, Arg::running_var);
   require(err, !track || !std::isnan(config_.momentum) || a.num_batches_tracked != nullptr,
           Arg::num_batches_tracked);
-  return err;
+  if (err) call.count = 0;
 }
 
-ArgError Plan::check_backward(const BackwardArgs& a, cpu::Geometry* g, std::int64_t* count) const {
-  ArgError err = a.rejected ? *a.rejected : check_shape(a.shape, g);
-  *count = err ? 0 : g->count_per_channel();
-  require(err, *count == 0 || a.x != nullptr, Arg::x);
-  require(err, *count == 0 || a.dy != nullptr, Arg::dy);
-  require(err, *count == 0 || a.dx != nullptr, Arg::dx);
+void Plan::check_backward(const BackwardArgs& a, Call& call) const {
+  ArgError& err = call.err;
+  err = a.rejected ? *a.rejected : check_shape(a.shape, &call.g);
+  call.count = err ? 0 : call.g.count_per_channel();
+  require(err, call.count == 0 || a.x != nullptr, Arg::x);
+  require(err, call.count == 0 || a.dy != nullptr, Arg::dy);
+  require(err, call.count == 0 || a.dx != nullptr, Arg::dx);
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, a.save_mean != nullptr, Arg::save_mean);
   require(err, a.save_invstd != nullptr, Arg::save_invstd);
-  require(err, a.stream == nullptr || config_.device == SYNCBN_DEVICE_CUDA, Arg::stream,
-          Problem::not_null);
-  return err;
+  call.stream = a.stream;
+  backend_->check_call(call);
+  if (err) call.count = 0;
 }
 
-void Plan::exchange(std::size_t data_slots, const ArgError& mine, Op op) {
-  if (!collective(op)) {
-    if (mine) fail_local(comm_->rank(), mine);
+void Plan::exchange_and_judge(Call& call, bool track) {
+  if (call.collective) {
+    collective_call(call.fp, [&] { backend_->exchange(*comm_, call); });
+  } else {
+    backend_->exchange(*comm_, call);
+  }
+  if (!call.host_verdict) {  // the device judges (NCCL): this rank's own error is all there is
+    if (call.err) fail_local(comm_->rank(), call.err);
     return;
   }
-  const Fingerprint fp = next_fingerprint(op);
-  put_guards(buffer_.data(), comm_->rank(), mine, fp);
-  collective_call(fp, [&] { comm_->allreduce_sum(buffer_.data(), kGuardSlots + data_slots); });
-  check_guards(buffer_.data(), comm_->size(), comm_->rank(), mine, fp);
-}
-
-template <class F>
-void Plan::local_phase(ArgError& err, F&& compute) {
-  if (err) return;
-  try {
-    compute();
-  } catch (const std::bad_alloc&) {  // the workspace grew with the thread count
-    err = {Arg::memory, Problem::out_of_memory, {}};
+  if (call.collective) {
+    check_verdict(call.verdict, comm_->size(), comm_->rank(), call.err, call.fp,
+                  call.verdict[kGuardSlots], track);
+  } else if (call.err) {
+    fail_local(comm_->rank(), call.err);
   }
 }
 
-template <class T>
 void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
-  const std::int64_t C = config_.num_features;
   const bool track = op == Op::forward_training && config_.track_running_stats;
+  Call call;
+  call.op = op;
+  call.collective = collective(op);
+  check_forward(a, track, call);
+  if (!call.collective && call.err) fail_local(comm_->rank(), call.err);  // nobody else waits
+  call.fp = call.collective ? next_fingerprint(op) : Fingerprint{tag_, op, seq_};
 
-  cpu::Geometry g;
-  std::int64_t count = 0;
-  ArgError err = check_forward(a, track, &g, &count);
-  require(err, !track || a.num_batches_tracked == nullptr || *a.num_batches_tracked >= 0,
-          Arg::num_batches_tracked, Problem::negative);
-  require(err,
-          !track || a.num_batches_tracked == nullptr ||
-              *a.num_batches_tracked < std::numeric_limits<std::int64_t>::max(),
-          Arg::num_batches_tracked, Problem::overflow);  // it is incremented
+  backend_->reduce_moments(call, comm_->rank(), a.x, track ? a.num_batches_tracked : nullptr);
+  exchange_and_judge(call, track);
+  if (!call.collective && call.count == 0) return;  // this rank's empty batch: nothing to do
 
-  // [guards | sum x (C) | sum x^2 (C) | m]; a failing rank contributes zeros and its flag.
-  double* const sum = buffer_.data() + kGuardSlots;
-  double* const sumsq = sum + C;
-  std::fill(sum, sum + 2 * C, 0.0);
-  if (count > 0) {
-    local_phase(err, [&] {
-      // Shift each channel by its first local value (outer index 0), undo the shift in fp64.
-      T* const data_shift = scratch<T>(5);
-      for (std::int64_t c = 0; c < C; ++c) data_shift[c] = as<T>(a.x)[c * g.inner];
-      cpu::reduce_moments(g, as<T>(a.x), data_shift, sum, sumsq, workspace_);
-      for (std::int64_t c = 0; c < C; ++c) {
-        unshift_moments(sum[c], sumsq[c], static_cast<double>(count), data_shift[c]);
-      }
-    });
-  }
-  sum[2 * C] = err ? 0.0 : static_cast<double>(count);
-  exchange(2 * C + 1, err, op);
-
-  const double m = sum[2 * C];
-  if (!collective(op) && m == 0.0) return;  // this rank's empty batch: nothing to normalize
-  check_batch_count(m, track);
-
-  // Nothing can fail from here on: write saved statistics, y and running statistics.
-  T* const save_mean = a.save_mean ? as<T>(a.save_mean) : scratch<T>(0);
-  T* const save_invstd = a.save_invstd ? as<T>(a.save_invstd) : scratch<T>(1);
-  T* const center = scratch<T>(2);
-  T* const scale = scratch<T>(3);
-  T* const shift = scratch<T>(4);
-  const T* const weight = as<T>(a.weight);
-  const T* const bias = as<T>(a.bias);
-  T* const running_mean = as<T>(a.running_mean);
-  T* const running_var = as<T>(a.running_var);
-  const double factor =
-      track ? running_factor(config_.momentum,
-                             a.num_batches_tracked ? *a.num_batches_tracked + 1 : 0)
-            : 0.0;
-  for (std::int64_t c = 0; c < C; ++c) {
-    const Moments mo = moments_from_sums(sum[c], sumsq[c], m, config_.eps);
-    save_mean[c] = static_cast<T>(mo.mean);
-    save_invstd[c] = static_cast<T>(mo.invstd);
-    const AffineCoefficients<T> co = affine_coefficients<T>(
-        mo.mean, mo.invstd, config_.affine ? weight[c] : 1.0, config_.affine ? bias[c] : 0.0);
-    center[c] = co.center;
-    scale[c] = co.scale;
-    shift[c] = co.shift;
-    if (track) update_running(running_mean[c], running_var[c], mo, m, factor);
-  }
-  if (count > 0) cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
-  if (track && a.num_batches_tracked != nullptr) ++*a.num_batches_tracked;
+  // Nothing can fail from here on (or, judged on the device, nothing is written but NaN).
+  ForwardFinalize f;
+  f.group_size = call.collective ? comm_->size() : 1;
+  f.track = track;
+  f.momentum = config_.momentum;
+  f.eps = config_.eps;
+  f.affine = config_.affine != 0;
+  f.weight = a.weight;
+  f.bias = a.bias;
+  f.save_mean = a.save_mean;
+  f.save_invstd = a.save_invstd;
+  f.running_mean = a.running_mean;
+  f.running_var = a.running_var;
+  f.num_batches_tracked = track ? reinterpret_cast<long long*>(a.num_batches_tracked) : nullptr;
+  f.op = static_cast<std::uint32_t>(op);
+  backend_->finalize_forward(call, f);
+  if (call.count > 0) backend_->normalize(call, a.x, a.y);
 }
 
-template <class T>
 void Plan::forward_running_stats(const ForwardArgs& a) {
-  const std::int64_t C = config_.num_features;
-  cpu::Geometry g;
-  std::int64_t count = 0;
-  ArgError err = check_forward(a, false, &g, &count);
-  require(err, a.running_mean != nullptr, Arg::running_mean);
-  require(err, a.running_var != nullptr, Arg::running_var);
-  if (err) fail_local(comm_->rank(), err);  // no collective here: nobody else waits
-
-  T* const center = scratch<T>(2);
-  T* const scale = scratch<T>(3);
-  T* const shift = scratch<T>(4);
-  const T* const weight = as<T>(a.weight);
-  const T* const bias = as<T>(a.bias);
-  const T* const running_mean = as<T>(a.running_mean);
-  const T* const running_var = as<T>(a.running_var);
-  for (std::int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + config_.eps);
-    const AffineCoefficients<T> co =
-        affine_coefficients<T>(running_mean[c], invstd, config_.affine ? weight[c] : 1.0,
-                               config_.affine ? bias[c] : 0.0);
-    center[c] = co.center;
-    scale[c] = co.scale;
-    shift[c] = co.shift;
-  }
-  if (count > 0) cpu::affine(g, as<T>(a.x), center, scale, shift, as<T>(a.y));
+  Call call;
+  call.op = Op::forward_inference;
+  call.collective = false;
+  check_forward(a, false, call);
+  require(call.err, a.running_mean != nullptr, Arg::running_mean);
+  require(call.err, a.running_var != nullptr, Arg::running_var);
+  if (call.err) fail_local(comm_->rank(), call.err);  // no collective here: nobody else waits
+  backend_->finalize_running(call, config_.eps, config_.affine != 0, a.weight, a.bias,
+                             a.running_mean, a.running_var);
+  if (call.count > 0) backend_->normalize(call, a.x, a.y);
 }
-
-template <class T>
-void Plan::backward_typed(const BackwardArgs& a) {
-  const std::int64_t C = config_.num_features;
-  cpu::Geometry g;
-  std::int64_t count = 0;
-  ArgError err = check_backward(a, &g, &count);
-
-  const T* const save_mean = as<T>(a.save_mean);
-  const T* const save_invstd = as<T>(a.save_invstd);
-  // [guards | sum dy (C) | sum dy (x - mean) (C) | m]
-  double* const sum_g = buffer_.data() + kGuardSlots;
-  double* const sum_gx = sum_g + C;
-  std::fill(sum_g, sum_g + 2 * C, 0.0);
-  if (count > 0) {
-    local_phase(err, [&] {
-      cpu::reduce_grad(g, as<T>(a.x), as<T>(a.dy), save_mean, sum_g, sum_gx, workspace_);
-    });
-  }
-  sum_g[2 * C] = err ? 0.0 : static_cast<double>(count);
-  const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
-  if (param_grads && !config_.global_param_grads) std::copy(sum_g, sum_g + 2 * C, local_.begin());
-  exchange(2 * C + 1, err, Op::backward);
-
-  const double m = sum_g[2 * C];
-  check_batch_count(m, false);
-
-  T* const center = scratch<T>(0);
-  T* const ka = scratch<T>(1);
-  T* const kk = scratch<T>(2);
-  T* const kd = scratch<T>(3);
-  const T* const weight = as<T>(a.weight);
-  for (std::int64_t c = 0; c < C; ++c) {
-    const BackwardCoefficients<T> co =
-        backward_coefficients<T>(save_mean[c], save_invstd[c], config_.affine ? weight[c] : 1.0,
-                                 sum_g[c], sum_gx[c], m);
-    center[c] = co.center;
-    ka[c] = co.a;
-    kk[c] = co.k;
-    kd[c] = co.d;
-  }
-  if (count > 0) cpu::backward_elemt(g, as<T>(a.x), as<T>(a.dy), center, ka, kk, kd, as<T>(a.dx));
-  if (param_grads) {
-    const double* const src = config_.global_param_grads ? sum_g : local_.data();
-    for (std::int64_t c = 0; c < C; ++c) {
-      if (a.dweight) as<T>(a.dweight)[c] = static_cast<T>(src[C + c] * save_invstd[c]);
-      if (a.dbias) as<T>(a.dbias)[c] = static_cast<T>(src[c]);
-    }
-  }
-}
-
-#ifdef SYNCBN_HAVE_CUDA
-#define SYNCBN_ON_CUDA(call)                                     \
-  if (config_.device == SYNCBN_DEVICE_CUDA) {                    \
-    call;                                                        \
-    return;                                                      \
-  }
-#else
-#define SYNCBN_ON_CUDA(call)
-#endif
 
 void Plan::forward_training(const ForwardArgs& args) {
   comm_->check_usable();
-  SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_training))
-  if (config_.dtype == SYNCBN_FLOAT64) {
-    forward_batch_stats<double>(args, Op::forward_training);
-  } else {
-    forward_batch_stats<float>(args, Op::forward_training);
-  }
+  forward_batch_stats(args, Op::forward_training);
 }
 
 void Plan::forward_inference(const ForwardArgs& args) {
   comm_->check_usable();
-  const bool f64 = config_.dtype == SYNCBN_FLOAT64;
   if (args.rejected) fail_local(comm_->rank(), *args.rejected);  // never collective
-  if (!config_.track_running_stats) {
-    SYNCBN_ON_CUDA(cuda_forward_batch_stats(args, Op::forward_inference))
-    ForwardArgs batch = args;  // this rank's batch statistics, nothing saved
-    batch.save_mean = batch.save_invstd = nullptr;
-    if (f64) {
-      forward_batch_stats<double>(batch, Op::forward_inference);
-    } else {
-      forward_batch_stats<float>(batch, Op::forward_inference);
-    }
-  } else if (config_.device == SYNCBN_DEVICE_CUDA) {
-    SYNCBN_ON_CUDA(cuda_forward_running_stats(args))
-  } else if (f64) {
-    forward_running_stats<double>(args);
-  } else {
-    forward_running_stats<float>(args);
+  if (config_.track_running_stats) {
+    forward_running_stats(args);
+    return;
   }
+  ForwardArgs batch = args;  // this rank's batch statistics, nothing saved
+  batch.save_mean = batch.save_invstd = nullptr;
+  forward_batch_stats(batch, Op::forward_inference);
 }
 
-void Plan::backward(const BackwardArgs& args) {
+void Plan::backward(const BackwardArgs& a) {
   comm_->check_usable();
-  SYNCBN_ON_CUDA(cuda_backward(args))
-  if (config_.dtype == SYNCBN_FLOAT64) {
-    backward_typed<double>(args);
-  } else {
-    backward_typed<float>(args);
-  }
+  Call call;
+  call.op = Op::backward;
+  check_backward(a, call);
+  call.fp = next_fingerprint(Op::backward);
+
+  const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
+  backend_->reduce_grad(call, comm_->rank(), a.x, a.dy, a.save_mean,
+                        param_grads && !config_.global_param_grads);
+  exchange_and_judge(call, false);
+
+  BackwardFinalize f;
+  f.group_size = comm_->size();
+  f.affine = config_.affine != 0;
+  f.global_param_grads = config_.global_param_grads != 0;
+  f.weight = a.weight;
+  f.save_mean = a.save_mean;
+  f.save_invstd = a.save_invstd;
+  f.dweight = a.dweight;
+  f.dbias = a.dbias;
+  f.op = static_cast<std::uint32_t>(Op::backward);
+  backend_->finalize_backward(call, f);
+  if (call.count > 0) backend_->backward_elemt(call, a.x, a.dy, a.dx);
 }
 
 void Plan::reject_call(Op op, const ArgError& err, void* stream) {
@@ -530,11 +381,18 @@ void Plan::reject_call(Op op, const ArgError& err, void* stream) {
 }
 
 syncbn_status_t Plan::async_error(void* stream) {
-#ifdef SYNCBN_HAVE_CUDA
-  if (config_.device == SYNCBN_DEVICE_CUDA) return cuda_async_error(stream);
-#endif
-  (void)stream;
-  return SYNCBN_SUCCESS;  // CPU plans report every error from the call itself
+  return backend_->async_error(*comm_, tag_,
+                               (name_.empty() ? label() + " " : std::string()) +
+                                   "syncbn_plan_get_async_error",
+                               stream);
 }
+
+#ifndef SYNCBN_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(const syncbn_config_t&, const comm::Communicator&,
+                                           ArgError& err) {
+  err = {Arg::device, Problem::unsupported, {}};  // validate_config refuses CUDA first
+  return nullptr;
+}
+#endif
 
 }  // namespace syncbn::core

@@ -1,7 +1,9 @@
-// A plan: one batch-norm layer's validated configuration on a communicator, the packed fp64
-// buffer of its allreduces, its call sequence number, and scratch. Describe once (collectively,
-// at creation), execute many: calls validate only their own pointers and shape, and the verdict
-// rides on the one allreduce each call makes anyway.
+// A plan: one batch-norm layer's validated configuration on a communicator, its call sequence
+// number, and its backend (core/backend.hpp: the packed fp64 buffer, scratch, kernels; CPU or
+// CUDA). Describe once (collectively, at creation), execute many: calls validate only their own
+// pointers and shape, and the verdict rides on the one allreduce each call makes anyway. Every
+// call runs one sequence, whatever the backend: validate -> fingerprint -> reduce -> exchange
+// -> verdict -> finalize -> apply.
 #ifndef SYNCBN_CORE_PLAN_HPP
 #define SYNCBN_CORE_PLAN_HPP
 
@@ -12,9 +14,10 @@
 #include <vector>
 
 #include "comm/communicator.hpp"
+#include "core/backend.hpp"
 #include "core/error.hpp"
+#include "core/geometry.hpp"
 #include "core/guard.hpp"
-#include "cpu/kernels.hpp"
 #include "syncbn/syncbn.h"
 
 namespace syncbn::core {
@@ -58,12 +61,6 @@ struct BackwardArgs {
 // The config's own validity, on this rank (no communication).
 ArgError validate_config(const syncbn_config_t& config);
 
-// What a plan keeps on a device (CUDA plans: core/plan_cuda.cpp).
-class DeviceResources {
- public:
-  virtual ~DeviceResources() = default;
-};
-
 class Plan {
  public:
   ~Plan();
@@ -98,52 +95,36 @@ class Plan {
 
  private:
   Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& config,
-       std::uint64_t tag, std::uint32_t serial);
+       std::uint64_t tag, std::uint32_t serial, std::unique_ptr<Backend> backend);
 
   // Runs a collective of the call fp (comm_'s allreduce); its timeout or transport failure is
   // thrown again naming the call ("forward_training call #17", after the label when the plan
   // has no name: the C API puts a name first) and saying that the communicator is now broken.
   template <class F> void collective_call(const Fingerprint& fp, F&& body);
 
-  // Batch statistics of the group (op forward_training), or of this rank alone without any
-  // communication (op forward_inference: no fingerprint is drawn, the sequence stays).
-  template <class T> void forward_batch_stats(const ForwardArgs& args, Op op);
-  template <class T> void forward_running_stats(const ForwardArgs& args);
-  template <class T> void backward_typed(const BackwardArgs& args);
+  // The sequence of every call with batch statistics: of the group (op forward_training), or of
+  // this rank alone without any communication (op forward_inference: no fingerprint is drawn,
+  // the sequence stays).
+  void forward_batch_stats(const ForwardArgs& args, Op op);
+  void forward_running_stats(const ForwardArgs& args);
 
   // Checks shape against the plan; fills geometry and the per-channel count.
-  ArgError check_shape(const TensorShape& shape, cpu::Geometry* geometry) const;
+  ArgError check_shape(const TensorShape& shape, Geometry* geometry) const;
   // What every forward checks: the shape, x and y (unless the tensor is empty), weight and bias
-  // (when affine), the stream (NULL on the CPU), and with track the running statistics and
-  // num_batches_tracked (when momentum is cumulative). Fills the geometry and the per-channel
-  // count (0 on error).
-  ArgError check_forward(const ForwardArgs& args, bool track, cpu::Geometry* geometry,
-                         std::int64_t* count) const;
+  // (when affine), and with track the running statistics and num_batches_tracked (when momentum
+  // is cumulative); then the backend's checks (stream, device). Fills call's geometry and count
+  // (0 on error).
+  void check_forward(const ForwardArgs& args, bool track, Call& call) const;
   // What backward checks: the shape, x, dy and dx (unless the tensor is empty), weight (when
-  // affine), save_mean, save_invstd, the stream (NULL on the CPU).
-  ArgError check_backward(const BackwardArgs& args, cpu::Geometry* geometry,
-                          std::int64_t* count) const;
+  // affine), save_mean, save_invstd; then the backend's.
+  void check_backward(const BackwardArgs& args, Call& call) const;
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
-  // Sums [guards | data_slots of data] over the group and reaches the common verdict (throws
-  // on error, identically on every rank). For forward_inference (local batch statistics) no
-  // communication: this rank's error is its verdict.
-  void exchange(std::size_t data_slots, const ArgError& mine, Op op);
+  // The exchange and the verdict: sums the packed buffer over the group (collective calls) and
+  // throws the verdict where the host reaches it, identically on every rank; where only the
+  // device can (NCCL), throws this rank's own error only.
+  void exchange_and_judge(Call& call, bool track);
   // Whether op's batch statistics are the group's (else this rank's own).
   static bool collective(Op op) { return op != Op::forward_inference; }
-  // Runs a call's local computation unless err is set; an allocation failure becomes err, so
-  // that this rank still enters the collective and reports it there.
-  template <class F> void local_phase(ArgError& err, F&& compute);
-  // C values of type T in the plan's scratch, slot i of kScratchArrays.
-  template <class T> T* scratch(int i);
-
-  // CUDA plans (core/plan_cuda.cpp): device memory before the creation collective, and the
-  // three calls. Each enqueues its reduction, the exchange, the finalize and the elementwise
-  // pass on the caller's stream.
-  ArgError init_cuda();
-  void cuda_forward_batch_stats(const ForwardArgs& args, Op op);
-  void cuda_forward_running_stats(const ForwardArgs& args);
-  void cuda_backward(const BackwardArgs& args);
-  syncbn_status_t cuda_async_error(void* stream);
 
   std::shared_ptr<comm::Communicator> comm_;
   syncbn_config_t config_;
@@ -151,12 +132,7 @@ class Plan {
   std::uint32_t serial_;   // creation number on the communicator
   std::string name_;
   std::uint64_t seq_ = 0;  // collective calls made on this plan
-  std::vector<double> buffer_;     // [guard slots | data (2C + 1)]
-  std::vector<double> local_;      // this rank's sums, kept across the allreduce (2C)
-  std::vector<float> scratch32_;   // kScratchArrays arrays of C values, FLOAT32 plans
-  std::vector<double> scratch64_;  // the same, FLOAT64 plans
-  cpu::Workspace workspace_;
-  std::unique_ptr<DeviceResources> device_;  // CUDA plans
+  std::unique_ptr<Backend> backend_;  // CPU or CUDA, chosen at creation
 };
 
 template <class F>
@@ -171,11 +147,6 @@ void Plan::collective_call(const Fingerprint& fp, F&& body) {
                          "; the communicator is now broken (SYNCBN_ERROR_COMM_BROKEN from here on)");
   }
 }
-
-// The rank's own error, raised on this rank only ("rank 2: weight is null").
-[[noreturn]] void fail_local(int rank, const ArgError& err);
-// The first problem found wins; later checks do not overwrite it.
-void require(ArgError& err, bool ok, Arg arg, Problem problem = Problem::null);
 
 }  // namespace syncbn::core
 

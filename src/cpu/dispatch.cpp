@@ -111,9 +111,10 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, do
 
 // The elementwise passes write a whole tensor of g: its memory is prepared first (memory.hpp).
 template <class T>
-void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y) {
+void normalize(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,
+               T* y) {
   prepare_output(y, tensor_bytes<T>(g));
-  SYNCBN_DISPATCH(affine(g, x, center, scale, shift, y));
+  SYNCBN_DISPATCH(normalize(g, x, center, scale, shift, y));
 }
 
 template <class T>

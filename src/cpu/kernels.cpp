@@ -402,7 +402,8 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, do
 }
 
 template <class T>
-void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y) {
+void normalize(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,
+               T* y) {
   map_elements(g, [=](std::int64_t i, std::int64_t c) {
     y[i] = (x[i] - center[c]) * scale[c] + shift[c];
   });

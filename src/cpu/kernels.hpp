@@ -36,7 +36,8 @@ struct Workspace {
   void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,  \
                    double* sum_gx, Workspace& ws);                                             \
   template <class T>                                                                           \
-  void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,   \
+  void normalize(const Geometry& g, const T* x, const T* center, const T* scale,               \
+                 const T* shift,                                                               \
               T* y);                                                                           \
   template <class T>                                                                           \
   void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,  \
@@ -48,7 +49,7 @@ struct Workspace {
                                   Workspace&);                                                 \
   template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, double*,         \
                                double*, Workspace&);                                           \
-  template void affine<T>(const Geometry&, const T*, const T*, const T*, const T*, T*);        \
+  template void normalize<T>(const Geometry&, const T*, const T*, const T*, const T*, T*);     \
   template void backward_elemt<T>(const Geometry&, const T*, const T*, const T*, const T*,     \
                                   const T*, const T*, T*);
 
@@ -84,7 +85,8 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, do
 // y = (x - center[c]) * scale[c] + shift[c]. y may equal x. Large outputs are advised as huge
 // pages first (memory.hpp), as in backward_elemt.
 template <class T>
-void affine(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift, T* y);
+void normalize(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,
+               T* y);
 
 // dx = a[c] * dy - k[c] * (x - center[c]) + d[c]. dx may equal dy or x.
 template <class T>

@@ -199,7 +199,7 @@ __device__ void put_guards(const DeviceState& st, const GuardWrite& gw) {
   if (linear_thread() != 0) return;
   double* b = st.buffer;
   for (std::size_t i = 0; i < kGuardSlots; ++i) b[i] = gw.slots[i];
-  core::put_agree(b + core::kSequenceSlot, gw.collective ? (*st.calls)++ : *st.calls);
+  core::put_sequence(b, gw.collective ? (*st.calls)++ : *st.calls);
   const long long* nbt = gw.num_batches_tracked;
   if (nbt != nullptr && *nbt < 0 && b[1] == 0.0) {
     core::put_error_slots(b, gw.rank,
@@ -241,7 +241,12 @@ __device__ void finish_tile(const DeviceState& st, unsigned tile, std::int64_t c
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (linear_thread() == 0) last = atomicAdd(&st.counters[tile], 1u) == static_cast<unsigned>(splits - 1);
+  // atomicInc wraps the counter to 0 at the tile's last block: no reset store, so a counter
+  // is back at 0 after every complete reduction, whatever calls overlapped before.
+  if (linear_thread() == 0) {
+    const auto limit = static_cast<unsigned>(splits - 1);
+    last = atomicInc(&st.counters[tile], limit) == limit;
+  }
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -257,7 +262,6 @@ __device__ void finish_tile(const DeviceState& st, unsigned tile, std::int64_t c
     warp_sum(v);
     if (lane == 0) store(st, c, v[0], v[1]);
   }
-  if (t == 0) st.counters[tile] = 0;  // ready for the next call
 }
 
 // ---- reductions ------------------------------------------------------------------------------
@@ -447,43 +451,26 @@ __device__ void keep_record(const DeviceState& st, double m, bool track, std::ui
 }
 
 template <class P>
-__device__ __forceinline__ double param(const void* p, std::int64_t c, bool present, double otherwise) {
-  return present ? static_cast<double>(static_cast<const P*>(p)[c]) : otherwise;
-}
-
-template <class P>
-__global__ void finalize_forward_kernel(DeviceState st, ForwardFinalize f) {
+__global__ void finalize_forward_kernel(DeviceState st, core::ForwardFinalize f) {
   const std::int64_t C = st.channels;
   const double* sums = st.buffer + kGuardSlots;
   const double m = sums[2 * C];
-  const bool ok = core::guards_pass(st.buffer, f.group_size) && core::batch_count_ok(m, f.track);
+  const bool ok = core::verdict_of(st.buffer, f.group_size, m, f.track) == core::Verdict::pass;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  P* center = static_cast<P*>(st.coefficients);
-  P* scale = center + C;
-  P* shift = center + 2 * C;
+  P* coefficients = static_cast<P*>(st.coefficients);  // [center | scale | shift]
   if (!ok) {
     if (c == 0) keep_record(st, m, f.track, f.op);
     if (c < C) {
       const P nan = static_cast<P>(CUDART_NAN);
-      center[c] = scale[c] = shift[c] = nan;
+      coefficients[c] = coefficients[C + c] = coefficients[2 * C + c] = nan;
       if (f.save_mean) static_cast<P*>(f.save_mean)[c] = nan;
       if (f.save_invstd) static_cast<P*>(f.save_invstd)[c] = nan;
     }
     return;
   }
   if (c < C) {
-    const core::Moments mo = core::moments_from_sums(sums[c], sums[C + c], m, f.eps);
-    if (f.save_mean) static_cast<P*>(f.save_mean)[c] = static_cast<P>(mo.mean);
-    if (f.save_invstd) static_cast<P*>(f.save_invstd)[c] = static_cast<P>(mo.invstd);
-    const core::AffineCoefficients<P> co = core::affine_coefficients<P>(
-        mo.mean, mo.invstd, param<P>(f.weight, c, f.affine, 1.0), param<P>(f.bias, c, f.affine, 0.0));
-    center[c] = co.center;
-    scale[c] = co.scale;
-    shift[c] = co.shift;
-    if (f.track) {
-      const double a = core::running_factor(f.momentum, *st.num_batches_next);
-      core::update_running(static_cast<P*>(f.running_mean)[c], static_cast<P*>(f.running_var)[c], mo, m, a);
-    }
+    const double a = f.track ? core::running_factor(f.momentum, *st.num_batches_next) : 0.0;
+    core::finalize_forward_channel<P>(f, sums, C, c, m, a, coefficients);
   }
   if (c == 0 && f.track && f.num_batches_tracked) *f.num_batches_tracked = *st.num_batches_next;
 }
@@ -492,50 +479,31 @@ template <class P>
 __global__ void finalize_running_kernel(DeviceState st, double eps, bool affine, const void* weight,
                                         const void* bias, const P* running_mean,
                                         const P* running_var) {
-  const std::int64_t C = st.channels;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  P* center = static_cast<P*>(st.coefficients);
-  const double invstd = 1.0 / sqrt(static_cast<double>(running_var[c]) + eps);
-  const core::AffineCoefficients<P> co = core::affine_coefficients<P>(
-      running_mean[c], invstd, param<P>(weight, c, affine, 1.0), param<P>(bias, c, affine, 0.0));
-  center[c] = co.center;
-  center[C + c] = co.scale;
-  center[2 * C + c] = co.shift;
+  if (c >= st.channels) return;
+  core::finalize_running_channel<P>(eps, affine, weight, bias, running_mean, running_var,
+                                    st.channels, c, static_cast<P*>(st.coefficients));
 }
 
 template <class P>
-__global__ void finalize_backward_kernel(DeviceState st, BackwardFinalize f) {
+__global__ void finalize_backward_kernel(DeviceState st, core::BackwardFinalize f) {
   const std::int64_t C = st.channels;
   const double* sums = st.buffer + kGuardSlots;
   const double m = sums[2 * C];
-  const bool ok = core::guards_pass(st.buffer, f.group_size) && core::batch_count_ok(m, false);
+  const bool ok = core::verdict_of(st.buffer, f.group_size, m, false) == core::Verdict::pass;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   P* k = static_cast<P*>(st.coefficients);  // [center | a | k | d]
-  P* dweight = static_cast<P*>(f.affine ? f.dweight : nullptr);
-  P* dbias = static_cast<P*>(f.affine ? f.dbias : nullptr);
   if (!ok) {
     if (c == 0) keep_record(st, m, false, f.op);
     if (c < C) {
       const P nan = static_cast<P>(CUDART_NAN);
       k[c] = k[C + c] = k[2 * C + c] = k[3 * C + c] = nan;
-      if (dweight) dweight[c] = nan;
-      if (dbias) dbias[c] = nan;
+      if (f.affine && f.dweight) static_cast<P*>(f.dweight)[c] = nan;
+      if (f.affine && f.dbias) static_cast<P*>(f.dbias)[c] = nan;
     }
     return;
   }
-  if (c >= C) return;
-  const P* save_mean = static_cast<const P*>(f.save_mean);
-  const P* save_invstd = static_cast<const P*>(f.save_invstd);
-  const core::BackwardCoefficients<P> co = core::backward_coefficients<P>(
-      save_mean[c], save_invstd[c], param<P>(f.weight, c, f.affine, 1.0), sums[c], sums[C + c], m);
-  k[c] = co.center;
-  k[C + c] = co.a;
-  k[2 * C + c] = co.k;
-  k[3 * C + c] = co.d;
-  const double* src = f.global_param_grads ? sums : st.local;
-  if (dweight) dweight[c] = static_cast<P>(src[C + c] * static_cast<double>(save_invstd[c]));
-  if (dbias) dbias[c] = static_cast<P>(src[c]);
+  if (c < C) core::finalize_backward_channel<P>(f, sums, st.local, C, c, m, k);
 }
 
 unsigned channel_blocks(std::int64_t C) { return static_cast<unsigned>(ceil_div(C, kThreads)); }
@@ -626,7 +594,7 @@ void elementwise(const DeviceState& st, const Geometry& g, const T* x, const T* 
       elementwise_cf_kernel<T, 1, BACKWARD><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, out, g.outer, g.channels, g.inner, sh.seg);
     }
   }
-  check_launch(BACKWARD ? "backward_elemt" : "affine");
+  check_launch(BACKWARD ? "backward_elemt" : "normalize");
 }
 
 }  // namespace
@@ -659,7 +627,7 @@ void write_guards(const DeviceState& st, const GuardWrite& gw, bool zero_local, 
   check_launch("write_guards");
 }
 
-void finalize_forward(const DeviceState& st, const ForwardFinalize& f, void* stream) {
+void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, void* stream) {
   if (st.dtype == SYNCBN_FLOAT64) {
     finalize_forward_kernel<double><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(st, f);
   } else {
@@ -683,7 +651,7 @@ void finalize_running(const DeviceState& st, double eps, bool affine, const void
   check_launch("finalize_running");
 }
 
-void finalize_backward(const DeviceState& st, const BackwardFinalize& f, void* stream) {
+void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, void* stream) {
   if (st.dtype == SYNCBN_FLOAT64) {
     finalize_backward_kernel<double><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(st, f);
   } else {
@@ -692,7 +660,7 @@ void finalize_backward(const DeviceState& st, const BackwardFinalize& f, void* s
   check_launch("finalize_backward");
 }
 
-void affine(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream) {
+void normalize(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     elementwise<T, false>(st, g, static_cast<const T*>(x), nullptr, static_cast<T*>(y),

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/finalize.hpp"
 #include "core/geometry.hpp"
 #include "core/guard.hpp"
 #include "syncbn/syncbn.h"
@@ -45,7 +46,7 @@ struct DeviceState {
   void* coefficients = nullptr;  // 4C of the accumulation type (float, or double for fp64)
   double* partials = nullptr;    // 2 * partial_capacity
   std::int64_t partial_capacity = 0;
-  unsigned* counters = nullptr;  // C, zero between kernels
+  unsigned* counters = nullptr;  // C: blocks of a tile done, modulo the tile's splits
   long long* num_batches_next = nullptr;  // 1
   unsigned long long* calls = nullptr;    // 1: collective calls made, the sequence number's
                                           // source (on the device, so that graph replays count)
@@ -80,40 +81,23 @@ void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const 
 // and the guards.
 void write_guards(const DeviceState& st, const GuardWrite& gw, bool zero_local, void* stream);
 
-struct ForwardFinalize {
-  int group_size;
-  bool track;         // update running statistics
-  double momentum;    // NaN: cumulative
-  double eps;
-  bool affine;
-  const void* weight; const void* bias;          // parameter type
-  void* save_mean; void* save_invstd;            // may be NULL
-  void* running_mean; void* running_var;         // when track
-  long long* num_batches_tracked;                // may be NULL
-  std::uint32_t op;                              // for the async record
-};
-// From the group's buffer: the verdict; then per channel mean, invstd, the affine coefficients,
-// the saved statistics and the running statistics (core/finalize.hpp). On a failed verdict:
-// coefficients and saved statistics NaN, running statistics untouched, the record kept.
-void finalize_forward(const DeviceState& st, const ForwardFinalize& f, void* stream);
+// From the group's buffer: the verdict (core::verdict_of); then per channel
+// core::finalize_forward_channel (mean, invstd, the coefficients, the saved and the running
+// statistics). On a failed verdict: coefficients and saved statistics NaN, running statistics
+// untouched, the record kept.
+void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, void* stream);
 
 // Affine coefficients from running statistics (inference).
 void finalize_running(const DeviceState& st, double eps, bool affine, const void* weight,
                       const void* bias, const void* running_mean, const void* running_var,
                       void* stream);
 
-struct BackwardFinalize {
-  int group_size;
-  bool affine;
-  bool global_param_grads;
-  const void* weight; const void* save_mean; const void* save_invstd;
-  void* dweight; void* dbias;  // may be NULL
-  std::uint32_t op;
-};
-void finalize_backward(const DeviceState& st, const BackwardFinalize& f, void* stream);
+// The same from the backward's buffer (core::finalize_backward_channel).
+void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, void* stream);
 
-// y = (x - center) * scale + shift with the coefficients of finalize_forward/_running.
-void affine(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream);
+// The normalize pass: y = (x - center) * scale + shift with the coefficients of
+// finalize_forward/_running.
+void normalize(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream);
 
 // dx = a dy - k (x - center) + d with the coefficients of finalize_backward.
 void backward_elemt(const DeviceState& st, const Geometry& g, const void* x, const void* dy,

@@ -1,0 +1,102 @@
+// The backend of a plan: where its tensors live (CPU or a CUDA device), chosen once at plan
+// creation. Plan (plan.cpp) runs every call as one sequence over this interface:
+//
+//   validate (Plan, then check_call) -> fingerprint (Plan) -> reduce (local sums and guards into
+//   the packed buffer) -> exchange (the allreduce; the verdict's slots on the host when it can
+//   reach them now) -> verdict (Plan, on the host; or the device's finalize) -> finalize
+//   (per-channel statistics and coefficients, core/finalize.hpp) -> apply (the elementwise pass).
+//
+// A backend owns the plan's packed buffer [guards (kGuardSlots) | 2C sums | m] and scratch, runs
+// its kernels (src/cpu, src/cuda), and never makes a verdict's message (Plan does, from
+// core/guard.hpp). Methods trust their arguments: Plan validated them.
+#ifndef SYNCBN_CORE_BACKEND_HPP
+#define SYNCBN_CORE_BACKEND_HPP
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "comm/communicator.hpp"
+#include "core/finalize.hpp"
+#include "core/geometry.hpp"
+#include "core/guard.hpp"
+#include "syncbn/syncbn.h"
+
+namespace syncbn::core {
+
+// One call as it passes through the backend.
+struct Call {
+  Op op = Op::forward_training;
+  bool collective = true;  // the group's statistics (else this rank's own, no communication)
+  Geometry g;
+  std::int64_t count = 0;  // values per channel on this rank; 0 once err is set
+  ArgError err;            // this rank's error (validation, or a local failure of reduce)
+  Fingerprint fp;
+  void* stream = nullptr;  // the caller's (CUDA), or the backend's replacement for it
+  // After exchange, when host_verdict: the group's guard slots, then its m.
+  double verdict[kGuardSlots + 1] = {};
+  bool host_verdict = false;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // This backend's own checks of a call's stream and device (CPU: the stream must be NULL;
+  // CUDA: the current device and the stream's are the plan's). On a mismatch the CUDA backend
+  // replaces call.stream by one it can use to take part in the collective.
+  virtual void check_call(Call& call) = 0;
+
+  // Local sums into the packed buffer with the guards of (rank, call.err, call.fp) and the
+  // count: forward the moments of x (unshifted, docs/design.md 1.1 step 1), with
+  // num_batches_tracked (NULL: none) checked where it lives; backward sum dy and
+  // sum dy (x - save_mean), kept as this rank's own too with keep_local. A rank with call.err set
+  // or nothing to sum writes zeros. A reduction that cannot run sets call.err (count 0) and
+  // writes that rank's failing guards instead.
+  virtual void reduce_moments(Call& call, int rank, const void* x,
+                              const std::int64_t* num_batches_tracked) = 0;
+  virtual void reduce_grad(Call& call, int rank, const void* x, const void* dy,
+                           const void* save_mean, bool keep_local) = 0;
+
+  // COLLECTIVE (when call.collective). Sums the packed buffer over comm; fills call.verdict
+  // (host_verdict) where the host can reach the group's guards now, or leaves the verdict to
+  // the device (finalize). Without call.collective, the verdict is this rank's own. Throws what
+  // comm throws.
+  virtual void exchange(comm::Communicator& comm, Call& call) = 0;
+
+  // Per channel (core/finalize.hpp) from the packed buffer: the coefficients of apply, and the
+  // outputs of f. The CUDA backend evaluates the verdict here too, where the host could not.
+  virtual void finalize_forward(const Call& call, const ForwardFinalize& f) = 0;
+  virtual void finalize_running(const Call& call, double eps, bool affine, const void* weight,
+                                const void* bias, const void* running_mean,
+                                const void* running_var) = 0;
+  virtual void finalize_backward(const Call& call, const BackwardFinalize& f) = 0;
+
+  // The elementwise passes with the coefficients of the last finalize:
+  // y = (x - center) * scale + shift; dx = a dy - k (x - center) + d.
+  virtual void normalize(const Call& call, const void* x, void* y) = 0;
+  virtual void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) = 0;
+
+  // The first verdict the device failed since the last report (CUDA: after waiting for stream,
+  // by comm's deadline over NCCL; throws SYNCBN_ERROR_COMM_BROKEN on a broken comm), with its
+  // message as last error; SYNCBN_SUCCESS on the CPU, whose calls report every error themselves.
+  virtual syncbn_status_t async_error(comm::Communicator& comm, const std::uint64_t plan_tag,
+                                      const std::string& context, void* stream) {
+    (void)comm, (void)plan_tag, (void)context, (void)stream;
+    return SYNCBN_SUCCESS;
+  }
+
+  // Whether a transport may still touch this backend's memory after a failed collective (the
+  // device buffer of CUDA-aware MPI, NCCL kernels): the plan then keeps it for good.
+  virtual bool exposed_to_transport() const { return false; }
+};
+
+// The backends (src/cpu/backend.cpp, src/cuda/backend.cpp). make_cuda_backend returns NULL and
+// sets err when this rank cannot make one (no device, wrong device, out of memory).
+std::unique_ptr<Backend> make_cpu_backend(const syncbn_config_t& config);
+std::unique_ptr<Backend> make_cuda_backend(const syncbn_config_t& config,
+                                           const comm::Communicator& comm, ArgError& err);
+
+}  // namespace syncbn::core
+
+#endif  // SYNCBN_CORE_BACKEND_HPP

@@ -1,0 +1,391 @@
+// The CUDA backend of plans (core/backend.hpp): device memory, and each step of a call enqueued
+// on the caller's stream (the kernels are in kernels.cu):
+//
+//   reduce (local sums and guards into the packed buffer) -> exchange -> finalize (verdict,
+//   statistics, coefficients) -> elementwise pass.
+//
+// The exchange depends on the communicator (comm::DeviceBuffers): nothing for a group of one; a
+// pinned-memory round trip with one stream synchronization for MPI, whose verdict the host then
+// reaches as on the CPU; the device buffer once the stream is done for CUDA-aware MPI; one
+// enqueued allreduce for NCCL (and custom communicators), whose verdict only the device sees (the
+// finalize kernels check the guards, and keep a record for async_error).
+//
+// Ordering: a plan's device buffers are shared by its calls, so calls on one plan must be ordered
+// on the device (one stream, or streams the caller orders; syncbn.h). Host writes to the pinned
+// staging wait for the previous call's copy out of it (an event), whatever its stream.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "core/backend.hpp"
+#include "core/error.hpp"
+#include "cuda/kernels.hpp"
+#include "cuda/runtime.hpp"
+
+namespace syncbn::cuda {
+namespace {
+
+using core::ArgError;
+using core::Call;
+using core::kGuardSlots;
+
+std::size_t round_up(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+class CudaBackend final : public core::Backend {
+ public:
+  CudaBackend(const syncbn_config_t& config, comm::DeviceBuffers mode)
+      : config_(config), mode_(mode) {}
+
+  ~CudaBackend() override {
+    DeviceSwitch on(device_);
+    if (block_ != nullptr) cudaFree(block_);
+    if (staging_ != nullptr) cudaFreeHost(staging_);
+    if (record_host_ != nullptr) cudaFreeHost(record_host_);
+    if (staging_free_ != nullptr) cudaEventDestroy(staging_free_);
+  }
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  // Device memory, pinned memory and the event, before the creation collective (a rank that
+  // cannot get them reports it there).
+  ArgError init(const comm::Communicator& comm) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0 ||
+        cudaGetDevice(&device_) != cudaSuccess) {
+      cudaGetLastError();
+      return {core::Arg::device, core::Problem::no_device, {}};
+    }
+    if (comm.device() >= 0 && comm.device() != device_) {
+      return {core::Arg::device, core::Problem::wrong_device,
+              "current device " + std::to_string(device_) + ", NCCL communicator's " +
+                  std::to_string(comm.device())};
+    }
+    const std::int64_t C = config_.num_features;
+    st_.channels = C;
+    st_.dtype = config_.dtype;
+    if (cudaDeviceGetAttribute(&st_.multiprocessors, cudaDevAttrMultiProcessorCount, device_) !=
+        cudaSuccess) {
+      st_.multiprocessors = 1;
+    }
+    st_.partial_capacity = partial_capacity(C);
+    const std::size_t param_bytes =
+        config_.dtype == SYNCBN_FLOAT64 ? sizeof(double) : sizeof(float);
+    const auto c = static_cast<std::size_t>(C);
+    slots_ = kGuardSlots + 2 * c + 1;
+    const std::size_t sizes[] = {
+        slots_ * sizeof(double),                                              // buffer
+        2 * c * sizeof(double),                                               // local
+        4 * c * param_bytes,                                                  // coefficients
+        2 * static_cast<std::size_t>(st_.partial_capacity) * sizeof(double),  // partials
+        c * sizeof(unsigned),                                                 // counters
+        sizeof(long long),                                                    // num_batches_next
+        sizeof(unsigned long long),                                           // calls
+        sizeof(AsyncRecord)};                                                 // record
+    std::size_t total = 0;
+    for (std::size_t s : sizes) total += round_up(s);
+    const auto oom = [&](cudaError_t e) {
+      cudaGetLastError();
+      return ArgError{core::Arg::memory, core::Problem::out_of_memory,
+                      std::to_string(total) + " bytes of device memory: " +
+                          cudaGetErrorString(e)};
+    };
+    if (cudaError_t e = cudaMalloc(&block_, total); e != cudaSuccess) return oom(e);
+    // Zeroed on a stream of the library's own and waited for there: a cudaMemset on the legacy
+    // stream and a device-wide synchronization would wait for every blocking stream and break
+    // another thread's graph capture.
+    {
+      cudaStream_t init_stream = nullptr;
+      cudaError_t e = cudaStreamCreateWithFlags(&init_stream, cudaStreamNonBlocking);
+      if (e == cudaSuccess) e = cudaMemsetAsync(block_, 0, total, init_stream);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(init_stream);
+      if (init_stream != nullptr) cudaStreamDestroy(init_stream);
+      if (e != cudaSuccess) return oom(e);
+    }
+    auto* p = static_cast<char*>(block_);
+    constexpr int kParts = sizeof sizes / sizeof sizes[0];
+    void* parts[kParts];
+    for (int i = 0; i < kParts; ++i) {
+      parts[i] = p;
+      p += round_up(sizes[i]);
+    }
+    st_.buffer = static_cast<double*>(parts[0]);
+    st_.local = static_cast<double*>(parts[1]);
+    st_.coefficients = parts[2];
+    st_.partials = static_cast<double*>(parts[3]);
+    st_.counters = static_cast<unsigned*>(parts[4]);
+    st_.num_batches_next = static_cast<long long*>(parts[5]);
+    st_.calls = static_cast<unsigned long long*>(parts[6]);
+    st_.record = static_cast<AsyncRecord*>(parts[7]);
+    // Pinned host memory: the staged exchange, the host's view of the verdict on CUDA-aware MPI,
+    // and the async record's copy (every device-to-host copy is asynchronous on the caller's
+    // stream, so none waits for unrelated work).
+    if (cudaError_t e = cudaMallocHost(&staging_, slots_ * sizeof(double)); e != cudaSuccess) {
+      return oom(e);
+    }
+    if (cudaError_t e = cudaMallocHost(&record_host_, sizeof(AsyncRecord)); e != cudaSuccess) {
+      return oom(e);
+    }
+    if (cudaError_t e = cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming);
+        e != cudaSuccess) {
+      return oom(e);
+    }
+    return {};
+  }
+
+  // The current device must be the plan's, and the stream must belong to it; otherwise this
+  // rank still takes part, on the plan device's legacy default stream.
+  void check_call(Call& call) override {
+    cudaGetLastError();  // an error an earlier launch of the caller's left behind
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess) cudaGetLastError();
+    bool ok = current == device_;
+    if (ok && call.stream != nullptr) {
+      int stream_device = -1;
+      if (cudaStreamGetDevice(static_cast<cudaStream_t>(call.stream), &stream_device) !=
+          cudaSuccess) {
+        cudaGetLastError();
+        stream_device = -1;
+      }
+      ok = stream_device == device_;
+    }
+    if (!ok) {
+      core::require(call.err, false, core::Arg::device, core::Problem::wrong_device);
+      call.stream = nullptr;
+    }
+  }
+
+  void reduce_moments(Call& call, int rank, const void* x,
+                      const std::int64_t* num_batches_tracked) override {
+    DeviceSwitch on(device_);
+    GuardWrite gw = guard_write(rank, call, num_batches_tracked);
+    reduce_or_guards(call, rank, gw, false,
+                     [&] { cuda::reduce_moments(st_, call.g, x, gw, call.stream); });
+  }
+
+  void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* save_mean,
+                   bool keep_local) override {
+    DeviceSwitch on(device_);
+    GuardWrite gw = guard_write(rank, call, nullptr);
+    reduce_or_guards(call, rank, gw, keep_local, [&] {
+      cuda::reduce_grad(st_, call.g, x, dy, save_mean, keep_local, gw, call.stream);
+    });
+  }
+
+  void exchange(comm::Communicator& comm, Call& call) override {
+    DeviceSwitch on(device_);
+    const std::size_t bytes = slots_ * sizeof(double);
+    cudaStream_t stream = as_stream(call.stream);
+    call.host_verdict = true;
+    if (!call.collective || mode_ == comm::DeviceBuffers::identity) {
+      std::memcpy(call.verdict, last_guards_, sizeof last_guards_);
+      call.verdict[kGuardSlots] = static_cast<double>(call.count);
+      return;
+    }
+    switch (mode_) {
+      case comm::DeviceBuffers::stage: {
+        if (guards_unwritten_) {
+          fail_into_staging(call, comm.rank(), "the guards could not be written on the device");
+        } else try {
+          check_cuda(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent");
+          check_cuda(cudaMemcpyAsync(staging_, st_.buffer, bytes, cudaMemcpyDeviceToHost, stream),
+                     "cudaMemcpyAsync (packed buffer to host)");
+          check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        } catch (const core::Failure& f) {  // join the allreduce anyway, carrying the failure
+          fail_into_staging(call, comm.rank(), f.what());
+        }
+        comm.allreduce_sum(staging_, slots_);
+        copy_verdict(call, staging_);
+        check_cuda(cudaMemcpyAsync(st_.buffer, staging_, bytes, cudaMemcpyHostToDevice, stream),
+                   "cudaMemcpyAsync (packed buffer to device)");
+        check_cuda(cudaEventRecord(staging_free_, stream), "cudaEventRecord");
+        return;
+      }
+      case comm::DeviceBuffers::after_sync: {
+        const cudaError_t synced = guards_unwritten_ ? cudaErrorLaunchFailure
+                                                     : cudaStreamSynchronize(stream);
+        if (synced != cudaSuccess) {
+          // The device buffer cannot be trusted: join the same allreduce (MPI matches it by
+          // count, not by memory) from pinned memory, carrying the failure.
+          cudaGetLastError();
+          fail_into_staging(call, comm.rank(),
+                            std::string("cudaStreamSynchronize failed: ") +
+                                cudaGetErrorString(synced));
+          comm.allreduce_sum(staging_, slots_);
+          copy_verdict(call, staging_);
+          return;
+        }
+        comm.allreduce_sum_device(st_.buffer, slots_, call.stream);
+        check_cuda(cudaMemcpyAsync(staging_, st_.buffer, kGuardSlots * sizeof(double),
+                                   cudaMemcpyDeviceToHost, stream),
+                   "cudaMemcpyAsync (guards to host)");
+        check_cuda(cudaMemcpyAsync(staging_ + slots_ - 1, st_.buffer + slots_ - 1, sizeof(double),
+                                   cudaMemcpyDeviceToHost, stream),
+                   "cudaMemcpyAsync (count to host)");
+        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        copy_verdict(call, staging_);
+        return;
+      }
+      case comm::DeviceBuffers::on_stream:
+      case comm::DeviceBuffers::identity:
+        comm.allreduce_sum_device(st_.buffer, slots_, call.stream);
+        call.host_verdict = false;
+        return;
+    }
+  }
+
+  void finalize_forward(const Call& call, const core::ForwardFinalize& f) override {
+    DeviceSwitch on(device_);
+    cuda::finalize_forward(st_, f, call.stream);
+  }
+
+  void finalize_running(const Call& call, double eps, bool affine, const void* weight,
+                        const void* bias, const void* running_mean,
+                        const void* running_var) override {
+    DeviceSwitch on(device_);
+    cuda::finalize_running(st_, eps, affine, weight, bias, running_mean, running_var,
+                           call.stream);
+  }
+
+  void finalize_backward(const Call& call, const core::BackwardFinalize& f) override {
+    DeviceSwitch on(device_);
+    cuda::finalize_backward(st_, f, call.stream);
+  }
+
+  void normalize(const Call& call, const void* x, void* y) override {
+    DeviceSwitch on(device_);
+    cuda::normalize(st_, call.g, x, y, call.stream);
+  }
+
+  void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) override {
+    DeviceSwitch on(device_);
+    cuda::backward_elemt(st_, call.g, x, dy, dx, call.stream);
+  }
+
+  syncbn_status_t async_error(comm::Communicator& comm, std::uint64_t plan_tag,
+                              const std::string& context, void* stream) override {
+    DeviceSwitch on(device_);
+    comm.check_usable();
+    const cudaStream_t s = as_stream(stream);
+    // The record, copied on the caller's stream (ordered after its calls) into pinned memory.
+    check_cuda(cudaMemcpyAsync(record_host_, st_.record, sizeof(AsyncRecord),
+                               cudaMemcpyDeviceToHost, s),
+               "cudaMemcpyAsync (async record)");
+    if (comm.device() >= 0) {
+      // NCCL: the stream holds this plan's collectives; wait for them by the deadline.
+      core::with_context(context, [&] { comm.wait_stream(stream); });
+    } else {
+      check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    }
+    const AsyncRecord record = *record_host_;
+    if (record.flag == 0) return SYNCBN_SUCCESS;
+    // Cleared in stream order too, so that a failure recorded by a later call is not lost.
+    check_cuda(cudaMemsetAsync(&st_.record->flag, 0, sizeof(int), s),
+               "cudaMemsetAsync (clear async record)");
+    check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    // The verdict the device reached, reached again on the host from the same sums: the same
+    // status and message a CPU plan's call would have given.
+    try {
+      const core::Fingerprint fp{plan_tag, static_cast<core::Op>(record.op), record.seq};
+      core::check_verdict(record.slots, comm.size(), comm.rank(), ArgError{}, fp,
+                          record.slots[kGuardSlots], record.track != 0);
+      core::fail(SYNCBN_ERROR_INTERNAL, "the device recorded a failed call the host cannot explain");
+    } catch (const core::Failure& f) {
+      core::set_last_error(f.what());
+      return f.status();
+    }
+  }
+
+  bool exposed_to_transport() const override { return true; }
+
+ private:
+  static cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+  // What the reduction writes next to this rank's sums (a failing rank: its error, count 0);
+  // the host keeps the guards for a verdict it reaches alone.
+  GuardWrite guard_write(int rank, const Call& call, const std::int64_t* num_batches_tracked) {
+    GuardWrite gw{};
+    core::put_guards(gw.slots, rank, call.err, call.fp);
+    std::memcpy(last_guards_, gw.slots, sizeof last_guards_);
+    gw.count = call.err ? 0.0 : static_cast<double>(call.count);
+    gw.num_batches_tracked =
+        call.err ? nullptr : reinterpret_cast<const long long*>(num_batches_tracked);
+    gw.rank = rank;
+    gw.collective = call.collective;
+    return gw;
+  }
+
+  // Runs the reduction; if it cannot be launched, this rank still writes its guards, carrying
+  // the failure, so that it joins the allreduce like every other rank.
+  template <class F>
+  void reduce_or_guards(Call& call, int rank, GuardWrite& gw, bool zero_local, F&& reduce) {
+    guards_unwritten_ = false;
+    if (!call.err && call.count > 0) {
+      try {
+        reduce();
+        return;
+      } catch (const core::Failure& f) {
+        call.err = {core::Arg::device, core::Problem::cuda_failed, f.what()};
+        call.count = 0;
+        gw = guard_write(rank, call, nullptr);
+      }
+    }
+    if (call.err) call.count = 0;
+    try {
+      write_guards(st_, gw, zero_local, call.stream);
+    } catch (const core::Failure& f) {
+      // Nothing can be launched: the MPI exchanges send the failing guards from pinned host
+      // memory instead; over NCCL the device buffer still holds the previous call's guards,
+      // whose sequence number makes every rank's device verdict fail (CALL_MISMATCH).
+      if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, f.what()};
+      call.count = 0;
+      guards_unwritten_ = true;
+    }
+  }
+
+  // The staged buffer of a rank whose device part failed: zeros and its failing guards, written
+  // once the previous call's copy out of the staging is done.
+  void fail_into_staging(Call& call, int rank, const std::string& what) {
+    cudaEventSynchronize(staging_free_);
+    if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, what};
+    call.count = 0;
+    std::fill(staging_, staging_ + slots_, 0.0);
+    core::put_guards(staging_, rank, call.err, call.fp);
+  }
+
+  void copy_verdict(Call& call, const double* host) {
+    std::memcpy(call.verdict, host, kGuardSlots * sizeof(double));
+    call.verdict[kGuardSlots] = host[slots_ - 1];
+  }
+
+  syncbn_config_t config_;
+  comm::DeviceBuffers mode_;
+  int device_ = 0;
+  void* block_ = nullptr;                 // one cudaMalloc carved into st_'s arrays
+  std::size_t slots_ = 0;                 // the packed buffer's length
+  double* staging_ = nullptr;             // pinned: the packed buffer's host copy
+  AsyncRecord* record_host_ = nullptr;    // pinned: async_error's copy of the record
+  cudaEvent_t staging_free_ = nullptr;    // recorded after the last copy out of staging_
+  double last_guards_[kGuardSlots] = {};  // this rank's guards of the current call
+  bool guards_unwritten_ = false;         // this call's guards are not on the device
+  DeviceState st_;
+};
+
+}  // namespace
+
+}  // namespace syncbn::cuda
+
+namespace syncbn::core {
+
+std::unique_ptr<Backend> make_cuda_backend(const syncbn_config_t& config,
+                                           const comm::Communicator& comm, ArgError& err) {
+  auto backend = std::make_unique<cuda::CudaBackend>(config, comm.device_buffers());
+  err = backend->init(comm);
+  if (err) return nullptr;
+  return backend;
+}
+
+}  // namespace syncbn::core
