@@ -10,7 +10,11 @@
 #   (mpi_yield_when_idle), so that oversubscribed runs do not spin against each other.
 # - Shared-memory transport without the single-copy mechanism (containers often forbid the
 #   ptrace-based CMA it uses).
-# Extra mpirun flags: SYNCBN_MPIRUN_FLAGS="...". Another mpirun: MPIRUN=/path/to/mpirun.
+# These flags are Open MPI's. Another MPI's launcher (MPICH's or Intel MPI's Hydra mpiexec) gets
+# only the rank count and OMP_NUM_THREADS (-genv); Hydra shares cores without being asked.
+# Another launcher: MPIRUN=/path/to/mpiexec; its rank-count flag: SYNCBN_MPIEXEC_NUMPROC_FLAG
+# (default -np); extra flags: SYNCBN_MPIRUN_FLAGS="..." (ctest passes CMake's
+# MPIEXEC_EXECUTABLE, MPIEXEC_NUMPROC_FLAG and MPIEXEC_PREFLAGS this way).
 set -euo pipefail
 
 usage() { echo "usage: $0 -n P [--threads T] [--] command [args...]" >&2; exit 2; }
@@ -38,13 +42,19 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMP_NUM_THREADS="$threads"
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-flags=(-np "$np" -x OMP_NUM_THREADS)
-[[ -n "${LD_LIBRARY_PATH:-}" ]] && flags+=(-x LD_LIBRARY_PATH)
-if (( np * threads <= cores )); then
-  flags+=(--map-by "slot:PE=$threads" --bind-to core)
+launcher=${MPIRUN:-mpirun}
+flags=("${SYNCBN_MPIEXEC_NUMPROC_FLAG:--np}" "$np")
+if "$launcher" --version 2>&1 | grep -q "Open MPI\|OpenRTE"; then
+  flags+=(-x OMP_NUM_THREADS)
+  [[ -n "${LD_LIBRARY_PATH:-}" ]] && flags+=(-x LD_LIBRARY_PATH)
+  if (( np * threads <= cores )); then
+    flags+=(--map-by "slot:PE=$threads" --bind-to core)
+  else
+    flags+=(--oversubscribe --bind-to none --mca mpi_yield_when_idle 1)
+  fi
 else
-  flags+=(--oversubscribe --bind-to none --mca mpi_yield_when_idle 1)
+  flags+=(-genv OMP_NUM_THREADS "$threads")
 fi
 # shellcheck disable=SC2206
 extra=(${SYNCBN_MPIRUN_FLAGS:-})
-exec "${MPIRUN:-mpirun}" "${flags[@]}" "${extra[@]}" "$@"
+exec "$launcher" "${flags[@]}" "${extra[@]}" "$@"
