@@ -1015,4 +1015,139 @@ INSTANTIATE_TEST_SUITE_P(All, CudaArgChecks, ::testing::ValuesIn(kCudaArgCases),
                            return std::string(info.param.name);
                          });
 
+// ---- the orchestration's own defects (docs/design.md section 5: src/cuda/backend.cpp) ---------
+
+// One forward_training of plan on stream; the outputs (y, save_mean, save_invstd) as bytes.
+struct ForwardOutputs {
+  std::vector<float> y, save_mean, save_invstd;
+};
+
+ForwardOutputs run_forward(syncbn_plan_t plan, const Geometry& g, const DeviceArray<float>& x,
+                           DeviceLayerState<float>& dev, const Stream& stream) {
+  const auto shape = g.shape();
+  const size_t c = static_cast<size_t>(g.c);
+  DeviceArray<float> y(static_cast<size_t>(g.numel())), sm(c), si(c);
+  EXPECT_EQ(syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(), dev.weight.data(),
+                                    dev.bias.data(), y.data(), sm.data(), si.data(),
+                                    dev.running_mean.data(), dev.running_var.data(),
+                                    dev.num_batches_tracked.data(), stream.handle()),
+            SYNCBN_SUCCESS)
+      << syncbn_last_error();
+  stream.sync();
+  return {y.download(), sm.download(), si.download()};
+}
+
+// Two calls of one plan on two unordered streams (which the contract forbids) leave the merge
+// counters of its cross-block reductions (atomicInc, no reset store) back at zero: the next,
+// ordered call equals, bit for bit, the same call on a fresh plan. Few channels and many values
+// per channel, so that each channel's sums are split over many blocks and merged by the last.
+TEST(CudaMergeCounter, OverlappingCallsDoNotPoisonLaterOnes) {
+  SYNCBN_SKIP_WITHOUT_CUDA();
+  const int64_t C = 2;
+  Rng rng(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, 64, C, {128, 128});
+  const LayerState<float> st = LayerState<float>::random(C, rng);
+  DeviceArray<float> x(random_batch<float>(g, rng, ChannelDistribution::random(C, rng)));
+  const syncbn_config_t cfg = cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST);
+  syncbn::BatchNorm fresh(syncbn::Communicator::self(), cfg), used(syncbn::Communicator::self(), cfg);
+  Stream a, b;
+  DeviceLayerState<float> dev_a(st), dev_b(st), dev_used(st), dev_fresh(st);
+  const auto shape = g.shape();
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  DeviceArray<float> ya(n), yb(n), sma(c), sia(c), smb(c), sib(c);
+  for (int round = 0; round < 4; ++round) {
+    EXPECT_EQ(syncbn_forward_training(used.get(), g.ndim(), shape.data(), x.data(),
+                                      dev_a.weight.data(), dev_a.bias.data(), ya.data(), sma.data(),
+                                      sia.data(), dev_a.running_mean.data(),
+                                      dev_a.running_var.data(), dev_a.num_batches_tracked.data(),
+                                      a.handle()),
+              SYNCBN_SUCCESS);
+    EXPECT_EQ(syncbn_forward_training(used.get(), g.ndim(), shape.data(), x.data(),
+                                      dev_b.weight.data(), dev_b.bias.data(), yb.data(), smb.data(),
+                                      sib.data(), dev_b.running_mean.data(),
+                                      dev_b.running_var.data(), dev_b.num_batches_tracked.data(),
+                                      b.handle()),
+              SYNCBN_SUCCESS);
+  }
+  a.sync();
+  b.sync();
+  const ForwardOutputs want = run_forward(fresh.get(), g, x, dev_fresh, a);
+  const ForwardOutputs got = run_forward(used.get(), g, x, dev_used, a);
+  EXPECT_TRUE(same_bytes("save_mean after overlapping calls", got.save_mean, want.save_mean));
+  EXPECT_TRUE(same_bytes("save_invstd after overlapping calls", got.save_invstd, want.save_invstd));
+  EXPECT_TRUE(same_bytes("y after overlapping calls", got.y, want.y));
+}
+
+// A negative num_batches_tracked lives in device memory, so the device finds it: over the self
+// communicator the call returns SUCCESS (it never waits for the device), then
+// syncbn_plan_get_async_error reports SYNCBN_ERROR_INVALID_ARGUMENT naming num_batches_tracked,
+// once; running statistics and num_batches_tracked are untouched; the plan still works after.
+TEST(CudaNumBatchesTracked, NegativeIsFoundOnTheDevice) {
+  SYNCBN_SKIP_WITHOUT_CUDA();
+  const int64_t C = 3;
+  Rng rng(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_LAST, 4, C, {5, 5});
+  LayerState<float> st = LayerState<float>::random(C, rng);
+  st.num_batches_tracked = -1;
+  DeviceLayerState<float> dev(st);
+  DeviceArray<float> x(random_batch<float>(g, rng));
+  syncbn::BatchNorm bn(syncbn::Communicator::self(),
+                       cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_LAST, true, true,
+                                   kCumulative));
+  Stream stream;
+  const auto shape = g.shape();
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  DeviceArray<float> y(n), sm(c), si(c);
+  const syncbn_status_t s = syncbn_forward_training(
+      bn.get(), g.ndim(), shape.data(), x.data(), dev.weight.data(), dev.bias.data(), y.data(),
+      sm.data(), si.data(), dev.running_mean.data(), dev.running_var.data(),
+      dev.num_batches_tracked.data(), stream.handle());
+  EXPECT_EQ(s, SYNCBN_SUCCESS) << syncbn_last_error();
+  syncbn_status_t async = SYNCBN_SUCCESS;
+  EXPECT_EQ(syncbn_plan_get_async_error(bn.get(), stream.handle(), &async), SYNCBN_SUCCESS);
+  EXPECT_EQ(async, SYNCBN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(syncbn_last_error()).find("num_batches_tracked is negative"),
+            std::string::npos)
+      << syncbn_last_error();
+  EXPECT_TRUE(state_unchanged("after a negative num_batches_tracked", dev, st));
+  EXPECT_EQ(syncbn_plan_get_async_error(bn.get(), stream.handle(), &async), SYNCBN_SUCCESS);
+  EXPECT_EQ(async, SYNCBN_SUCCESS) << "reported once";
+  st.num_batches_tracked = 0;
+  DeviceLayerState<float> good(st);
+  run_forward(bn.get(), g, x, good, stream);
+  EXPECT_EQ(good.download().num_batches_tracked, 1);
+}
+
+// A stream of another device, with the current device right: the call fails on this rank with
+// SYNCBN_ERROR_INVALID_ARGUMENT naming the device, and the plan still works on its own device.
+// Needs two GPUs.
+TEST(CudaStreamDevice, StreamOfAnotherDeviceIsRejected) {
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs two CUDA devices";
+  const int64_t C = 3;
+  Rng rng(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, 2, C, {4, 4});
+  const LayerState<float> st = LayerState<float>::random(C, rng);
+  SYNCBN_CUDA_EXPECT(cudaSetDevice(0));
+  DeviceLayerState<float> dev(st);
+  DeviceArray<float> x(random_batch<float>(g, rng));
+  syncbn::BatchNorm bn(syncbn::Communicator::self(),
+                       cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST));
+  SYNCBN_CUDA_EXPECT(cudaSetDevice(1));
+  Stream other;  // on device 1
+  SYNCBN_CUDA_EXPECT(cudaSetDevice(0));
+  const auto shape = g.shape();
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  DeviceArray<float> y(n), sm(c), si(c);
+  EXPECT_EQ(syncbn_forward_training(bn.get(), g.ndim(), shape.data(), x.data(), dev.weight.data(),
+                                    dev.bias.data(), y.data(), sm.data(), si.data(),
+                                    dev.running_mean.data(), dev.running_var.data(),
+                                    dev.num_batches_tracked.data(), other.handle()),
+            SYNCBN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(syncbn_last_error()).find("device"), std::string::npos)
+      << syncbn_last_error();
+  EXPECT_TRUE(state_unchanged("after a stream of another device", dev, st));
+  Stream mine;  // on device 0
+  run_forward(bn.get(), g, x, dev, mine);
+}
+
 }  // namespace

@@ -11,6 +11,11 @@
 // shared main (mpi_main.cpp) reduces the verdict.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // Open MPI: MPIX_CUDA_AWARE_SUPPORT, MPIX_Query_cuda_support
+#endif
+
+#include <cstdlib>
 
 #include <string>
 #include <tuple>
@@ -30,10 +35,26 @@ using namespace syncbn_test;
 const syncbn_dtype_t kAllDtypes[] = {SYNCBN_FLOAT32, SYNCBN_FLOAT64, SYNCBN_FLOAT16,
                                      SYNCBN_BFLOAT16};
 
+// ctest's cuda_mpi_aware.npP runs this suite with SYNCBN_MPI_CUDA_AWARE=1, forcing the
+// device-buffer exchange (MPI_Allreduce on device memory once the stream is done). That needs an
+// MPI that takes device pointers: where this one says it does not (Open MPI's
+// MPIX_Query_cuda_support), the GPU tests skip instead of handing MPI device memory.
+bool forced_cuda_aware_without_support() {
+  const char* env = std::getenv("SYNCBN_MPI_CUDA_AWARE");
+  if (env == nullptr || std::string(env) != "1") return false;
+#if defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+  return MPIX_Query_cuda_support() != 1;
+#else
+  return true;
+#endif
+}
+
 // In a TEST body, on every rank alike.
 #define SKIP_UNLESS_EVERY_RANK_HAS_CUDA()                                        \
   do {                                                                           \
     if (!every_rank_has_cuda()) GTEST_SKIP() << "some rank sees no CUDA device"; \
+    if (!on_every_rank(!forced_cuda_aware_without_support()))                    \
+      GTEST_SKIP() << "SYNCBN_MPI_CUDA_AWARE=1, and this MPI is not CUDA-aware"; \
   } while (0)
 
 // ---- without a GPU ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // Multi-process GPU tests over the NCCL communicator, one GPU per rank: the NCCL communicator is
-// bootstrapped once from MPI with syncbn_nccl_comm_init_mpi (which makes device
-// local_rank % device_count current) and shared by the tests. Registered by ctest at the rank
+// bootstrapped once from MPI with syncbn_nccl_comm_init_mpi (which makes device local_rank
+// current) and shared by the tests. Registered by ctest at the rank
 // counts of SYNCBN_TEST_NCCL_RANKS (default 1: one GPU); at more ranks than a node has GPUs the
 // tests skip (NCCL needs a GPU per rank).
 //
@@ -142,6 +142,22 @@ TEST(CudaNcclNoDevice, InitFailsOnEveryRank) {
   EXPECT_EQ(syncbn_nccl_comm_init_mpi(MPI_COMM_WORLD, &nc, &local_rank),
             SYNCBN_ERROR_INVALID_ARGUMENT)
       << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_TRUE(message_names({"rank"}));
+}
+
+// A node with more ranks than GPUs (NCCL would reject two ranks on one GPU): every rank fails
+// before NCCL is called, the message naming a rank. Runs where every rank sees a GPU and some
+// node is oversubscribed (e.g. ctest's cuda_nccl.np2 on a one-GPU machine).
+TEST(CudaNcclInit, MoreRanksThanGpusFailsOnEveryRank) {
+  int local_size = 1;
+  node_local_rank(&local_size);
+  const int n = cuda_device_count();
+  if (!on_every_rank(n > 0)) GTEST_SKIP() << "some rank sees no CUDA device";
+  if (on_every_rank(local_size <= n)) GTEST_SKIP() << "no node has more ranks than GPUs";
+  ncclComm_t nc = nullptr;
+  EXPECT_EQ(syncbn_nccl_comm_init_mpi(MPI_COMM_WORLD, &nc, nullptr), SYNCBN_ERROR_INVALID_ARGUMENT)
+      << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_EQ(nc, nullptr);
   EXPECT_TRUE(message_names({"rank"}));
 }
 

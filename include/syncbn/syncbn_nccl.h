@@ -32,8 +32,17 @@ extern "C" {
    syncbn_comm_abort does the same on request. Forward and backward only enqueue, so they cannot
    wait: their collectives are bounded where the host next waits for them
    (syncbn_plan_get_async_error).
+   Rules NCCL sets, which hold for syncbn's calls too:
+     - syncbn's forward and backward must not be called between the caller's ncclGroupStart and
+       ncclGroupEnd: their ncclAllReduce would join the caller's group and the call's finalize
+       kernel, enqueued right after, would read sums not yet reduced;
+     - ncclCommDestroy is collective among the ranks of a node: destroy syncbn communicators
+       (which destroy the subgroups syncbn_comm_split made) and the caller's nccl_comm in the
+       same order on every rank;
+     - one GPU per rank: NCCL rejects a communicator in which two ranks share a GPU.
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm or comm NULL), SYNCBN_ERROR_COMM (NCCL
-   failed to report rank or size), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL). */
+   failed to report rank or size), SYNCBN_ERROR_INTERNAL (the stream or memory of host
+   allreduces could not be made), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL). */
 SYNCBN_API syncbn_status_t syncbn_comm_create_nccl(ncclComm_t nccl_comm, syncbn_comm_t* comm);
 
 #ifdef __cplusplus

@@ -53,8 +53,9 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
   MPI_Comm node = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split_type(mpi_comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node),
             "MPI_Comm_split_type");
-  int local_rank = 0;
+  int local_rank = 0, local_size = 1;
   MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_size(node, &local_size);
   MPI_Comm_free(&node);
   int devices = 0;
   bool ok = nccl_comm != nullptr;
@@ -64,7 +65,11 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
       cudaGetLastError();
       ok = false;
       why = "device: no usable CUDA device";
-    } else if (cudaError_t e = cudaSetDevice(local_rank % devices); e != cudaSuccess) {
+    } else if (local_size > devices) {  // NCCL: "Duplicate GPU detected"
+      ok = false;
+      why = "device: " + std::to_string(local_size) + " ranks on this node and " +
+            std::to_string(devices) + " CUDA devices; NCCL needs one GPU per rank";
+    } else if (cudaError_t e = cudaSetDevice(local_rank); e != cudaSuccess) {
       cudaGetLastError();
       ok = false;
       why = std::string("device: cudaSetDevice failed: ") + cudaGetErrorString(e);
@@ -73,7 +78,9 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
   if (const int bad = first_failing(ok, rank, size, mpi_comm, deadline); bad >= 0) {
     core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
                "rank " + std::to_string(bad) + ": " +
-                   (bad == rank ? why : std::string("no usable CUDA device or nccl_comm null")));
+                   (bad == rank ? why
+                                : std::string("no usable CUDA device of its own, or nccl_comm "
+                                              "null")));
   }
 
   // 2. The unique id, from rank 0 to every rank, with rank 0's success.
