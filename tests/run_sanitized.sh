@@ -8,7 +8,7 @@
 #       benchmarks' smoke test. build-asan/ (or $BUILD_DIR). LSan checks leaks in every process.
 #   tests/run_sanitized.sh thread [extra ctest arguments]
 #       TSan (clang, LLVM libomp, the archer OMPT tool) over the single-process suite (ctest -L
-#       single: the OpenMP CPU kernels of src/cpu/kernels.cpp through test_single.cpp, and the
+#       single: the OpenMP CPU kernels of src/cpu/kernels.cpp through tests/cpu/, and the
 #       thread-rank custom communicators of test_custom_comm.cpp) at OMP_NUM_THREADS=2 and 4, then
 #       the MPI tests (ctest -L mpi). build-tsan/ (or $BUILD_DIR). Examples and benchmarks are not
 #       built.
