@@ -205,15 +205,17 @@ class CudaBackend final : public core::Backend {
         return;
       }
       case comm::DeviceBuffers::after_sync: {
-        const cudaError_t synced = guards_unwritten_ ? cudaErrorLaunchFailure
-                                                     : cudaStreamSynchronize(stream);
+        const cudaError_t synced =
+            guards_unwritten_ ? cudaErrorLaunchFailure : cudaStreamSynchronize(stream);
         if (synced != cudaSuccess) {
           // The device buffer cannot be trusted: join the same allreduce (MPI matches it by
           // count, not by memory) from pinned memory, carrying the failure.
           cudaGetLastError();
           fail_into_staging(call, comm.rank(),
-                            std::string("cudaStreamSynchronize failed: ") +
-                                cudaGetErrorString(synced));
+                            guards_unwritten_
+                                ? std::string("the guards could not be written on the device")
+                                : std::string("cudaStreamSynchronize failed: ") +
+                                      cudaGetErrorString(synced));
           comm.allreduce_sum(staging_, slots_);
           copy_verdict(call, staging_);
           return;
