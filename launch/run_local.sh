@@ -44,7 +44,9 @@ export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
 launcher=${MPIRUN:-mpirun}
 flags=("${SYNCBN_MPIEXEC_NUMPROC_FLAG:--np}" "$np")
-if "$launcher" --version 2>&1 | grep -q "Open MPI\|OpenRTE"; then
+# The version text first: grep -q closing the pipe early would fail the pipeline (pipefail).
+version=$("$launcher" --version 2>&1 || true)
+if [[ "$version" == *"Open MPI"* || "$version" == *OpenRTE* ]]; then
   flags+=(-x OMP_NUM_THREADS)
   [[ -n "${LD_LIBRARY_PATH:-}" ]] && flags+=(-x LD_LIBRARY_PATH)
   if (( np * threads <= cores )); then

@@ -32,7 +32,14 @@ done
 
 log=$(mktemp)
 piddir=$(mktemp -d)
-trap 'rm -rf "$log" "$piddir"' EXIT
+job=""
+# Whatever ends this script (ctest's timeout sends TERM) ends the job's process group too.
+cleanup() {
+  [[ -n "$job" ]] && kill -KILL -- -"$job" 2>/dev/null
+  rm -rf "$log" "$piddir"
+}
+trap cleanup EXIT
+trap 'exit 143' INT TERM
 export SYNCBN_FAULT_PIDDIR=$piddir
 launcher_grace_ms=5000
 
@@ -78,6 +85,7 @@ if (( launcher_hung || timed_out )); then
 fi
 wait "$job"
 rc=$?
+job=""  # reaped: its process group id may be reused
 end=$(now_ms)
 (( launcher_hung )) && end=$ranks_end_ms
 ms=$(( end - start ))

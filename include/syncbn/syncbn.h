@@ -98,7 +98,10 @@
  * failure, so that no peer waits forever. The call sequence number that guards against skipped
  * calls is counted on the device, so graph replays count as calls. A negative
  * num_batches_tracked (device memory) is found on the device: asynchronously over NCCL and over
- * the self communicator. Over NCCL, ranks in calls of plans with different C enqueue
+ * the self communicator. A plan's calls share its device memory, so they run in call order: a
+ * call on another stream than the plan's previous call first waits (cudaStreamWaitEvent) for
+ * the end of that call. Inside a CUDA graph capture no event is recorded or waited on: the
+ * caller must order the launches of graphs that use one plan (one stream does). Over NCCL, ranks in calls of plans with different C enqueue
  * allreduces of different lengths, which NCCL does not detect: they hang rather than fail.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU

@@ -17,9 +17,11 @@ extern "C" {
 /* COLLECTIVE over mpi_comm. One GPU per local rank, and an NCCL communicator over the same
    ranks in the same order:
      1. local_rank = rank in MPI_Comm_split_type(mpi_comm, MPI_COMM_TYPE_SHARED) (the ranks on
-        this node); cudaSetDevice(local_rank) makes its GPU current. A node with more ranks
-        than GPUs fails on every rank (SYNCBN_ERROR_INVALID_ARGUMENT): NCCL refuses two ranks
-        on one GPU;
+        this node); cudaSetDevice(local_rank % n) makes its GPU current, n being the devices
+        this rank sees (all of the node's, or one per rank with a CUDA_VISIBLE_DEVICES of its
+        own). The ranks of a node compare their GPUs' UUIDs (MPI_Iallgather): two ranks on one
+        GPU (more ranks than GPUs) fail on every rank (SYNCBN_ERROR_INVALID_ARGUMENT), since
+        NCCL refuses them;
      2. rank 0 makes an ncclUniqueId and MPI_Bcast sends it to every rank;
      3. ncclCommInitRankConfig(nccl_comm, size, id, rank) with config.blocking = 0, polled with
         ncclCommGetAsyncError until it is ready or fails.
@@ -35,8 +37,8 @@ extern "C" {
    ncclCommDestroy. It is a NON-BLOCKING communicator: NCCL calls on it may return ncclInProgress,
    after which ncclCommGetAsyncError says when the call has settled. local_rank may be NULL.
    Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL, MPI not
-   initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank, more ranks than GPUs on a
-   node; the message names the rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_TIMEOUT (a step did not complete
+   initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank, two ranks of a node on one
+   GPU; the message names the rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_TIMEOUT (a step did not complete
    by the deadline, on the ranks that waited), SYNCBN_ERROR_NOT_SUPPORTED (built without NCCL or
    MPI). */
 SYNCBN_API syncbn_status_t syncbn_nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm,

@@ -68,7 +68,7 @@ void Communicator::allreduce_sum(double* buffer, std::size_t count) {
   collective([&] { allreduce_host(buffer, count, timeout_); });
 }
 
-void Communicator::allreduce_sum_device(double* buffer, std::size_t count, void* stream) {
+void Communicator::sum_device_memory(double* buffer, std::size_t count, void* stream) {
   collective([&] { allreduce_device(buffer, count, stream, timeout_); });
 }
 

@@ -11,12 +11,37 @@
 
 namespace syncbn::comm {
 
-// How a backend sums a buffer that lives in device (CUDA) memory.
+// How a backend sums a buffer that lives in device (CUDA) memory (allreduce_sum of a DeviceSum
+// carries it out).
 enum class DeviceBuffers {
   identity,   // a group of one: nothing to do
-  stage,      // host memory only: the caller copies through pinned memory and synchronizes
+  stage,      // host memory only: through the DeviceSum's pinned mirror, one stream sync
   after_sync, // device memory, once the stream's work is done (CUDA-aware MPI)
-  on_stream,  // device memory, enqueued on the stream, no host synchronization (NCCL)
+  on_stream,  // device memory, enqueued on the stream, no host synchronization (NCCL, custom)
+};
+
+class HostMirror;  // comm/device_sum.hpp (CUDA builds)
+
+// A buffer of count doubles in CUDA device memory, to be summed over the group.
+struct DeviceSum {
+  double* buffer = nullptr;  // device memory of the communicator's device (or the caller's)
+  std::size_t count = 0;
+  void* stream = nullptr;    // the cudaStream_t whose work writes buffer (NULL: legacy stream)
+  HostMirror* mirror = nullptr;  // pinned memory of count doubles, for the host-side exchanges
+  // Empty when buffer holds this rank's contribution; else why it does not (its writer could
+  // not be launched): this rank then takes part with substitute's contribution.
+  std::string unwritten;
+  // Writes this rank's contribution into host (count doubles of pinned memory) when the device
+  // buffer cannot be read, with the reason. Called at most once, before the sum.
+  void (*substitute)(void* context, double* host, const std::string& why) = nullptr;
+  void* context = nullptr;
+};
+
+// Where the group's sum is when allreduce_sum(DeviceSum&) returns.
+enum class SumAt {
+  own,     // a group of one: the buffer is the sum, this rank's own contribution
+  host,    // in the mirror (and, staged, copied back into the device buffer in stream order)
+  device,  // in the device buffer only, once the stream's work is done
 };
 
 // The deadline of a collective: seconds from its start, 0 for none (wait forever).
@@ -60,14 +85,23 @@ class Communicator {
   // The CUDA device the backend's collectives run on (NCCL), or -1 (host backends).
   virtual int device() const { return -1; }
 
-  // How allreduce_sum_device may be used (see DeviceBuffers).
+  // How allreduce_sum of a DeviceSum sums (see DeviceBuffers).
   virtual DeviceBuffers device_buffers() const { return DeviceBuffers::stage; }
 
-  // COLLECTIVE. In-place sum of count doubles in device memory: for after_sync once stream's
-  // work is complete (bounded by the deadline), for on_stream enqueued on stream (a
-  // cudaStream_t; the sum itself completes on the device, see wait_stream). Throws as
-  // allreduce_sum.
-  void allreduce_sum_device(double* buffer, std::size_t count, void* stream);
+  // COLLECTIVE. The sum of a buffer in device memory over the group, the one entry point for
+  // device memory (defined in comm/device_sum.cpp, CUDA builds): identity does nothing (own);
+  // stage copies it into the mirror on the stream, synchronizes, sums on the host and copies
+  // the sum back on the stream (host); after_sync synchronizes the stream and hands MPI the
+  // device pointer, then copies the sum into the mirror (host); on_stream enqueues the sum on
+  // the stream (device). A rank whose buffer is unwritten, or whose stream synchronization
+  // fails, still joins the same collective, with sum.substitute's contribution from the mirror.
+  // Throws as allreduce_sum; SYNCBN_ERROR_INTERNAL if a CUDA copy fails after the sum.
+  SumAt allreduce_sum(DeviceSum& sum);
+
+  // Makes room for host allreduces of count doubles (NCCL stages them through device memory of
+  // a size fixed here, so that no collective allocates). Local; throws
+  // Failure(SYNCBN_ERROR_OUT_OF_MEMORY).
+  virtual void reserve_host(std::size_t count) { (void)count; }
 
   // Waits on the host until stream's work is done, by the deadline when the backend's collectives
   // run on the stream (NCCL: polling the stream and the communicator's asynchronous error, and
@@ -111,6 +145,8 @@ class Communicator {
 
  private:
   template <class F> void collective(F&& body, bool comm_failure_breaks = true);
+  // allreduce_device through the collective's checks.
+  void sum_device_memory(double* buffer, std::size_t count, void* stream);
 
   Deadline timeout_{default_timeout_seconds()};
   std::string broken_;

@@ -113,7 +113,7 @@ class MpiCommunicator final : public Communicator {
 
   // CUDA-aware MPI takes the device pointer. On expiry MPI may still write buffer, the plan's
   // device memory: the communicator is broken then, and a CUDA plan on a broken communicator
-  // never frees its device memory (core/plan_cuda.cpp).
+  // never frees its device memory (core/plan.cpp, Plan::~Plan).
   void allreduce_device(double* buffer, std::size_t count, void*, Deadline deadline) override {
     MPI_Request request = MPI_REQUEST_NULL;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, buffer, static_cast<int>(count), MPI_DOUBLE, MPI_SUM,

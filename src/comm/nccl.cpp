@@ -53,7 +53,8 @@ Deadline remaining(Deadline deadline, double start) {
 
 using cuda::check_cuda;
 
-// Host buffers a plan creation or a split sums at most (core/plan.cpp: 5 + 9 * 8 slots).
+// Host buffers a plan creation or a split sums (core/plan.cpp: 5 + 9 * 8 slots) fit in this;
+// CPU plans reserve room for their packed buffers at creation (reserve_host).
 constexpr std::size_t kHostSlots = 128;
 
 class NcclCommunicator final : public Communicator {
@@ -67,8 +68,7 @@ class NcclCommunicator final : public Communicator {
     try {
       cuda::DeviceSwitch on(device_);
       check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-      check_cuda(cudaMalloc(&scratch_, kHostSlots * sizeof(double)), "cudaMalloc");
-      check_cuda(cudaMallocHost(&pinned_, kHostSlots * sizeof(double)), "cudaMallocHost");
+      reserve_host(kHostSlots);
     } catch (...) {
       release();
       throw;
@@ -86,16 +86,40 @@ class NcclCommunicator final : public Communicator {
   DeviceBuffers device_buffers() const override { return DeviceBuffers::on_stream; }
   int device() const override { return device_; }
 
+  // Local: new scratch and pinned memory of count doubles when the present ones are smaller
+  // (host allreduces are waited for, so none is in flight).
+  void reserve_host(std::size_t count) override {
+    if (count <= capacity_) return;
+    cuda::DeviceSwitch on(device_);
+    double* scratch = nullptr;
+    double* pinned = nullptr;
+    const std::size_t bytes = count * sizeof(double);
+    cudaError_t e = cudaMalloc(&scratch, bytes);
+    if (e == cudaSuccess) e = cudaMallocHost(&pinned, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      if (scratch != nullptr) cudaFree(scratch);
+      core::fail(SYNCBN_ERROR_OUT_OF_MEMORY, "NCCL host allreduce buffers of " +
+                                                 std::to_string(bytes) +
+                                                 " bytes: " + cudaGetErrorString(e));
+    }
+    if (scratch_ != nullptr) cudaFree(scratch_);
+    if (pinned_ != nullptr) cudaFreeHost(pinned_);
+    scratch_ = scratch;
+    pinned_ = pinned;
+    capacity_ = count;
+  }
+
  protected:
   // Host buffers (plan creation, split): through pinned host memory and device scratch on an
   // internal stream, waited for against the deadline (a copy into pageable memory would block
   // the host until the allreduce completed, deadline or not).
   void allreduce_host(double* buffer, std::size_t count, Deadline deadline) override {
     const double start = now_seconds();
-    if (count > kHostSlots) {
+    if (count > capacity_) {
       core::fail(SYNCBN_ERROR_INTERNAL, "NCCL host allreduce of " + std::to_string(count) +
                                             " doubles, more than the " +
-                                            std::to_string(kHostSlots) + " it holds");
+                                            std::to_string(capacity_) + " reserved");
     }
     cuda::DeviceSwitch on(device_);
     const std::size_t bytes = count * sizeof(double);
@@ -182,6 +206,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;  // host allreduces: stream, device scratch, pinned copy
   double* scratch_ = nullptr;
   double* pinned_ = nullptr;
+  std::size_t capacity_ = 0;  // doubles in scratch_ and pinned_
 
   void release() {
     cuda::DeviceSwitch on(device_);
@@ -191,6 +216,7 @@ class NcclCommunicator final : public Communicator {
     scratch_ = nullptr;
     pinned_ = nullptr;
     stream_ = nullptr;
+    capacity_ = 0;
   }
 };
 

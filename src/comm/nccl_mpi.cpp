@@ -7,11 +7,13 @@
 #include <mpi.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <memory>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "comm/mpi.hpp"
 #include "comm/nccl.hpp"
@@ -49,30 +51,64 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
   check_mpi(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(mpi_comm, &size), "MPI_Comm_size");
 
-  // 1. The local rank, and its GPU.
+  // 1. The local rank, and its GPU: local_rank modulo the devices this rank sees (one each, or
+  // one per rank already, as with a CUDA_VISIBLE_DEVICES per rank).
   MPI_Comm node = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split_type(mpi_comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node),
             "MPI_Comm_split_type");
+  const std::unique_ptr<MPI_Comm, void (*)(MPI_Comm*)> node_owner(&node, [](MPI_Comm* c) {
+    if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+  });
   int local_rank = 0, local_size = 1;
   MPI_Comm_rank(node, &local_rank);
   MPI_Comm_size(node, &local_size);
-  MPI_Comm_free(&node);
   int devices = 0;
   bool ok = nccl_comm != nullptr;
   std::string why = "nccl_comm is null";
+  // This rank's GPU by UUID, all zeros when it has none.
+  auto uuids = std::make_shared<std::vector<cudaUUID_t>>(static_cast<std::size_t>(local_size) + 1);
+  cudaUUID_t& mine = uuids->back();
+  std::memset(&mine, 0, sizeof mine);
   if (ok) {
+    cudaDeviceProp prop{};
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
       cudaGetLastError();
       ok = false;
       why = "device: no usable CUDA device";
-    } else if (local_size > devices) {  // NCCL: "Duplicate GPU detected"
-      ok = false;
-      why = "device: " + std::to_string(local_size) + " ranks on this node and " +
-            std::to_string(devices) + " CUDA devices; NCCL needs one GPU per rank";
-    } else if (cudaError_t e = cudaSetDevice(local_rank); e != cudaSuccess) {
+    } else if (cudaError_t e = cudaSetDevice(local_rank % devices); e != cudaSuccess) {
       cudaGetLastError();
       ok = false;
       why = std::string("device: cudaSetDevice failed: ") + cudaGetErrorString(e);
+    } else if (cudaError_t p = cudaGetDeviceProperties(&prop, local_rank % devices);
+               p != cudaSuccess) {
+      cudaGetLastError();
+      ok = false;
+      why = std::string("device: cudaGetDeviceProperties failed: ") + cudaGetErrorString(p);
+    } else {
+      mine = prop.uuid;
+    }
+  }
+  // Ranks of a node on one GPU: NCCL refuses them ("Duplicate GPU detected") after its
+  // bootstrap; say so here, on every rank, before it.
+  MPI_Request gather = MPI_REQUEST_NULL;
+  check_mpi(MPI_Iallgather(&mine, static_cast<int>(sizeof(cudaUUID_t)), MPI_BYTE, uuids->data(),
+                           static_cast<int>(sizeof(cudaUUID_t)), MPI_BYTE, node, &gather),
+            "MPI_Iallgather");
+  mpi_wait(&gather, deadline,
+           "syncbn_nccl_comm_init_mpi: MPI_Iallgather of the GPUs (rank " + std::to_string(rank) +
+               ")",
+           uuids);
+  if (ok) {
+    for (int other = 0; other < local_size; ++other) {
+      if (other != local_rank &&
+          std::memcmp(&(*uuids)[static_cast<std::size_t>(other)], &mine, sizeof mine) == 0) {
+        ok = false;
+        why = "device: local ranks " + std::to_string(std::min(other, local_rank)) + " and " +
+              std::to_string(std::max(other, local_rank)) + " of this node (" +
+              std::to_string(local_size) + " ranks, " + std::to_string(devices) +
+              " CUDA devices visible here) are on the same GPU; NCCL needs one GPU per rank";
+        break;
+      }
     }
   }
   if (const int bad = first_failing(ok, rank, size, mpi_comm, deadline); bad >= 0) {

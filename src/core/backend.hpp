@@ -47,6 +47,10 @@ class Backend {
   // replaces call.stream by one it can use to take part in the collective.
   virtual void check_call(Call& call) = 0;
 
+  // The end of a call that check_call began, whatever happened in between (CUDA: the event the
+  // plan's next call on another stream waits for).
+  virtual void end_call(const Call& call) noexcept { (void)call; }
+
   // Local sums into the packed buffer with the guards of (rank, call.err, call.fp) and the
   // count: forward the moments of x (unshifted, docs/design.md 1.1 step 1), with
   // num_batches_tracked (NULL: none) checked where it lives; backward sum dy and
@@ -58,10 +62,10 @@ class Backend {
   virtual void reduce_grad(Call& call, int rank, const void* x, const void* dy,
                            const void* save_mean, bool keep_local) = 0;
 
-  // COLLECTIVE (when call.collective). Sums the packed buffer over comm; fills call.verdict
-  // (host_verdict) where the host can reach the group's guards now, or leaves the verdict to
-  // the device (finalize). Without call.collective, the verdict is this rank's own. Throws what
-  // comm throws.
+  // COLLECTIVE (when call.collective). Sums the packed buffer over comm (comm carries out the
+  // exchange, host or device memory); fills call.verdict (host_verdict) where the host can reach
+  // the group's guards now, or leaves the verdict to the device (finalize). Without
+  // call.collective, the verdict is this rank's own. Throws what comm throws.
   virtual void exchange(comm::Communicator& comm, Call& call) = 0;
 
   // Per channel (core/finalize.hpp) from the packed buffer: the coefficients of apply, and the

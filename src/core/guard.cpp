@@ -170,6 +170,10 @@ void check_batch_count(double m, bool track) {
     case Verdict::empty_batch:
       fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
            "the group's batch is empty (0 values per channel over all ranks)");
+    case Verdict::bad_count:
+      fail(SYNCBN_ERROR_COMM, "the group's count of values per channel summed to " +
+                                  std::to_string(m) +
+                                  ", which no batch gives: the allreduce returned garbage");
     case Verdict::single_value:
       fail(SYNCBN_ERROR_BATCH_TOO_SMALL,
            "1 value per channel over all ranks in training with track_running_stats: the "

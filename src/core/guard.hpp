@@ -165,6 +165,7 @@ enum class Verdict : int {
   rank_failed,    // a rank sent an error
   empty_batch,    // m < 1
   single_value,   // m < 2 in training with running statistics
+  bad_count,      // m is no count of values (NaN, infinite, negative): the sum is garbage
 };
 
 // The guards' part of the verdict: participation, fingerprint, error record.
@@ -187,7 +188,8 @@ SYNCBN_HD inline Verdict guard_verdict(const double* slots, int group_size) {
 // The group's count per channel m must be >= 1, and >= 2 in training with running statistics
 // (the unbiased variance).
 SYNCBN_HD inline Verdict batch_verdict(double m, bool track) {
-  if (!(m >= 1.0)) return Verdict::empty_batch;
+  if (!(m >= 0.0 && m <= 9.3e18)) return Verdict::bad_count;  // NaN fails both
+  if (m < 1.0) return Verdict::empty_batch;
   return track && m < 2.0 ? Verdict::single_value : Verdict::pass;
 }
 

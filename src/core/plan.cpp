@@ -15,6 +15,19 @@
 namespace syncbn::core {
 namespace {
 
+// Ends a call on its backend when the call's scope ends, returned or thrown.
+class CallEnd {
+ public:
+  CallEnd(Backend& backend, const Call& call) : backend_(backend), call_(call) {}
+  ~CallEnd() { backend_.end_call(call_); }
+  CallEnd(const CallEnd&) = delete;
+  CallEnd& operator=(const CallEnd&) = delete;
+
+ private:
+  Backend& backend_;
+  const Call& call_;
+};
+
 // Arrays of C values of the parameter type in a plan's scratch.
 constexpr int kScratchArrays = 6;
 // C at most this, so that the packed buffer's count fits the int of MPI_Allreduce.
@@ -138,9 +151,16 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
       std::unique_ptr<Backend> backend = c.device == SYNCBN_DEVICE_CUDA
                                              ? make_cuda_backend(c, *comm, err)
                                              : make_cpu_backend(c);
+      // A CPU plan's calls sum its packed buffer in host memory: room for it now (NCCL).
+      if (!err && c.device == SYNCBN_DEVICE_CPU) {
+        comm->reserve_host(static_cast<std::size_t>(kGuardSlots + 2 * c.num_features + 1));
+      }
       if (!err) plan.reset(new Plan(comm, c, tag, serial, std::move(backend)));
     } catch (const std::bad_alloc&) {
       err = {Arg::memory, Problem::out_of_memory, {}};
+    } catch (const Failure& f) {
+      if (f.status() != SYNCBN_ERROR_OUT_OF_MEMORY) throw;
+      err = {Arg::memory, Problem::out_of_memory, f.what()};
     }
   }
 
@@ -279,6 +299,7 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   call.op = op;
   call.collective = collective(op);
   check_forward(a, track, call);
+  const CallEnd end(*backend_, call);
   if (!call.collective && call.err) fail_local(comm_->rank(), call.err);  // nobody else waits
   call.fp = call.collective ? next_fingerprint(op) : Fingerprint{tag_, op, seq_};
 
@@ -310,6 +331,7 @@ void Plan::forward_running_stats(const ForwardArgs& a) {
   call.op = Op::forward_inference;
   call.collective = false;
   check_forward(a, false, call);
+  const CallEnd end(*backend_, call);
   require(call.err, a.running_mean != nullptr, Arg::running_mean);
   require(call.err, a.running_var != nullptr, Arg::running_var);
   if (call.err) fail_local(comm_->rank(), call.err);  // no collective here: nobody else waits
@@ -340,6 +362,7 @@ void Plan::backward(const BackwardArgs& a) {
   Call call;
   call.op = Op::backward;
   check_backward(a, call);
+  const CallEnd end(*backend_, call);
   call.fp = next_fingerprint(Op::backward);
 
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);

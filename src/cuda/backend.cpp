@@ -4,15 +4,15 @@
 //   reduce (local sums and guards into the packed buffer) -> exchange -> finalize (verdict,
 //   statistics, coefficients) -> elementwise pass.
 //
-// The exchange depends on the communicator (comm::DeviceBuffers): nothing for a group of one; a
-// pinned-memory round trip with one stream synchronization for MPI, whose verdict the host then
-// reaches as on the CPU; the device buffer once the stream is done for CUDA-aware MPI; one
-// enqueued allreduce for NCCL (and custom communicators), whose verdict only the device sees (the
-// finalize kernels check the guards, and keep a record for async_error).
+// The exchange is the communicator's (comm::Communicator::allreduce_sum of a DeviceSum, which
+// stages through this plan's pinned mirror where it must); the backend only learns where the
+// group's sum is: its own (a group of one), on the host (MPI: the host reaches the verdict as on
+// the CPU), or on the device only (NCCL, custom: the finalize kernels check the guards, and keep
+// a record for async_error).
 //
-// Ordering: a plan's device buffers are shared by its calls, so calls on one plan must be ordered
-// on the device (one stream, or streams the caller orders; syncbn.h). Host writes to the pinned
-// staging wait for the previous call's copy out of it (an event), whatever its stream.
+// Ordering: a plan's device buffers are shared by its calls. A call on another stream than the
+// previous one waits for the previous call's end (an event recorded at the end of every call),
+// outside stream capture; inside a capture the caller orders the graph's launches (syncbn.h).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 
+#include "comm/device_sum.hpp"
 #include "core/backend.hpp"
 #include "core/error.hpp"
 #include "cuda/kernels.hpp"
@@ -37,15 +38,14 @@ std::size_t round_up(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 class CudaBackend final : public core::Backend {
  public:
-  CudaBackend(const syncbn_config_t& config, comm::DeviceBuffers mode)
-      : config_(config), mode_(mode) {}
+  explicit CudaBackend(const syncbn_config_t& config) : config_(config) {}
 
   ~CudaBackend() override {
     DeviceSwitch on(device_);
+    mirror_.reset();
     if (block_ != nullptr) cudaFree(block_);
-    if (staging_ != nullptr) cudaFreeHost(staging_);
     if (record_host_ != nullptr) cudaFreeHost(record_host_);
-    if (staging_free_ != nullptr) cudaEventDestroy(staging_free_);
+    if (call_done_ != nullptr) cudaEventDestroy(call_done_);
   }
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -120,16 +120,18 @@ class CudaBackend final : public core::Backend {
     st_.num_batches_next = static_cast<long long*>(parts[5]);
     st_.calls = static_cast<unsigned long long*>(parts[6]);
     st_.record = static_cast<AsyncRecord*>(parts[7]);
-    // Pinned host memory: the staged exchange, the host's view of the verdict on CUDA-aware MPI,
-    // and the async record's copy (every device-to-host copy is asynchronous on the caller's
-    // stream, so none waits for unrelated work).
-    if (cudaError_t e = cudaMallocHost(&staging_, slots_ * sizeof(double)); e != cudaSuccess) {
-      return oom(e);
+    // Pinned host memory: the packed buffer's mirror for the communicator's host-side
+    // exchanges, and the async record's copy (every device-to-host copy is asynchronous on the
+    // caller's stream, so none waits for unrelated work).
+    try {
+      mirror_ = std::make_unique<comm::HostMirror>(slots_);
+    } catch (const core::Failure& f) {
+      return ArgError{core::Arg::memory, core::Problem::out_of_memory, f.what()};
     }
     if (cudaError_t e = cudaMallocHost(&record_host_, sizeof(AsyncRecord)); e != cudaSuccess) {
       return oom(e);
     }
-    if (cudaError_t e = cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming);
+    if (cudaError_t e = cudaEventCreateWithFlags(&call_done_, cudaEventDisableTiming);
         e != cudaSuccess) {
       return oom(e);
     }
@@ -137,18 +139,22 @@ class CudaBackend final : public core::Backend {
   }
 
   // The current device must be the plan's, and the stream must belong to it; otherwise this
-  // rank still takes part, on the plan device's legacy default stream.
+  // rank still takes part, on the plan device's legacy default stream. Then the call waits for
+  // the previous one if that ran on another stream.
   void check_call(Call& call) override {
     cudaGetLastError();  // an error an earlier launch of the caller's left behind
     int current = -1;
     if (cudaGetDevice(&current) != cudaSuccess) cudaGetLastError();
     bool ok = current == device_;
-    if (ok && call.stream != nullptr) {
+    const cudaStream_t stream = as_stream(call.stream);
+    const bool capturing = is_capturing(stream);
+    if (ok && stream != nullptr && !capturing) {
+      // Outside capture only (a capture is judged when its graph is launched), and a query the
+      // runtime cannot answer is no verdict: the launches would report a real mismatch.
       int stream_device = -1;
-      if (cudaStreamGetDevice(static_cast<cudaStream_t>(call.stream), &stream_device) !=
-          cudaSuccess) {
+      if (cudaStreamGetDevice(stream, &stream_device) != cudaSuccess) {
         cudaGetLastError();
-        stream_device = -1;
+        stream_device = device_;
       }
       ok = stream_device == device_;
     }
@@ -156,6 +162,24 @@ class CudaBackend final : public core::Backend {
       core::require(call.err, false, core::Arg::device, core::Problem::wrong_device);
       call.stream = nullptr;
     }
+    DeviceSwitch on(device_);  // the legacy stream a mismatched call falls back to is the plan's
+    call_stream_ = as_stream(call.stream);
+    order_ = call_stream_ == stream ? !capturing : !is_capturing(call_stream_);
+    if (order_ && ended_ && call_stream_ != last_stream_) {
+      if (cudaStreamWaitEvent(call_stream_, call_done_, 0) != cudaSuccess) cudaGetLastError();
+    }
+  }
+
+  void end_call(const Call& call) noexcept override {
+    (void)call;
+    if (!order_) return;
+    DeviceSwitch on(device_);
+    if (cudaEventRecord(call_done_, call_stream_) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    ended_ = true;
+    last_stream_ = call_stream_;
   }
 
   void reduce_moments(Call& call, int rank, const void* x,
@@ -177,63 +201,30 @@ class CudaBackend final : public core::Backend {
 
   void exchange(comm::Communicator& comm, Call& call) override {
     DeviceSwitch on(device_);
-    const std::size_t bytes = slots_ * sizeof(double);
-    cudaStream_t stream = as_stream(call.stream);
     call.host_verdict = true;
-    if (!call.collective || mode_ == comm::DeviceBuffers::identity) {
-      std::memcpy(call.verdict, last_guards_, sizeof last_guards_);
-      call.verdict[kGuardSlots] = static_cast<double>(call.count);
-      return;
+    comm::SumAt at = comm::SumAt::own;
+    if (call.collective) {
+      Substitute sub{this, &call, comm.rank()};
+      comm::DeviceSum sum;
+      sum.buffer = st_.buffer;
+      sum.count = slots_;
+      sum.stream = call.stream;
+      sum.mirror = mirror_.get();
+      if (guards_unwritten_) sum.unwritten = "the guards could not be written on the device";
+      sum.substitute = &Substitute::write;
+      sum.context = &sub;
+      at = comm.allreduce_sum(sum);
     }
-    switch (mode_) {
-      case comm::DeviceBuffers::stage: {
-        if (guards_unwritten_) {
-          fail_into_staging(call, comm.rank(), "the guards could not be written on the device");
-        } else try {
-          check_cuda(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent");
-          check_cuda(cudaMemcpyAsync(staging_, st_.buffer, bytes, cudaMemcpyDeviceToHost, stream),
-                     "cudaMemcpyAsync (packed buffer to host)");
-          check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-        } catch (const core::Failure& f) {  // join the allreduce anyway, carrying the failure
-          fail_into_staging(call, comm.rank(), f.what());
-        }
-        comm.allreduce_sum(staging_, slots_);
-        copy_verdict(call, staging_);
-        check_cuda(cudaMemcpyAsync(st_.buffer, staging_, bytes, cudaMemcpyHostToDevice, stream),
-                   "cudaMemcpyAsync (packed buffer to device)");
-        check_cuda(cudaEventRecord(staging_free_, stream), "cudaEventRecord");
+    switch (at) {
+      case comm::SumAt::own:  // this rank's own guards and count are the verdict's
+        std::memcpy(call.verdict, last_guards_, sizeof last_guards_);
+        call.verdict[kGuardSlots] = static_cast<double>(call.count);
         return;
-      }
-      case comm::DeviceBuffers::after_sync: {
-        const cudaError_t synced =
-            guards_unwritten_ ? cudaErrorLaunchFailure : cudaStreamSynchronize(stream);
-        if (synced != cudaSuccess) {
-          // The device buffer cannot be trusted: join the same allreduce (MPI matches it by
-          // count, not by memory) from pinned memory, carrying the failure.
-          cudaGetLastError();
-          fail_into_staging(call, comm.rank(),
-                            guards_unwritten_
-                                ? std::string("the guards could not be written on the device")
-                                : std::string("cudaStreamSynchronize failed: ") +
-                                      cudaGetErrorString(synced));
-          comm.allreduce_sum(staging_, slots_);
-          copy_verdict(call, staging_);
-          return;
-        }
-        comm.allreduce_sum_device(st_.buffer, slots_, call.stream);
-        check_cuda(cudaMemcpyAsync(staging_, st_.buffer, kGuardSlots * sizeof(double),
-                                   cudaMemcpyDeviceToHost, stream),
-                   "cudaMemcpyAsync (guards to host)");
-        check_cuda(cudaMemcpyAsync(staging_ + slots_ - 1, st_.buffer + slots_ - 1, sizeof(double),
-                                   cudaMemcpyDeviceToHost, stream),
-                   "cudaMemcpyAsync (count to host)");
-        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-        copy_verdict(call, staging_);
+      case comm::SumAt::host:
+        std::memcpy(call.verdict, mirror_->data(), kGuardSlots * sizeof(double));
+        call.verdict[kGuardSlots] = mirror_->data()[slots_ - 1];
         return;
-      }
-      case comm::DeviceBuffers::on_stream:
-      case comm::DeviceBuffers::identity:
-        comm.allreduce_sum_device(st_.buffer, slots_, call.stream);
+      case comm::SumAt::device:
         call.host_verdict = false;
         return;
     }
@@ -306,6 +297,33 @@ class CudaBackend final : public core::Backend {
  private:
   static cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+  // Whether stream is being captured (a query that fails counts as a capture: no event is
+  // recorded or waited on then).
+  static bool is_capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+      cudaGetLastError();
+      return true;
+    }
+    return status != cudaStreamCaptureStatusNone;
+  }
+
+  // The contribution of a rank whose device buffer cannot be read (comm::DeviceSum): zeros and
+  // its failing guards, count 0.
+  struct Substitute {
+    CudaBackend* backend;
+    Call* call;
+    int rank;
+    static void write(void* context, double* host, const std::string& why) {
+      auto& s = *static_cast<Substitute*>(context);
+      Call& call = *s.call;
+      if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, why};
+      call.count = 0;
+      std::fill(host, host + s.backend->slots_, 0.0);
+      core::put_guards(host, s.rank, call.err, call.fp);
+    }
+  };
+
   // What the reduction writes next to this rank's sums (a failing rank: its error, count 0);
   // the host keeps the guards for a verdict it reaches alone.
   GuardWrite guard_write(int rank, const Call& call, const std::int64_t* num_batches_tracked) {
@@ -336,6 +354,7 @@ class CudaBackend final : public core::Backend {
       }
     }
     if (call.err) call.count = 0;
+    if (!call.collective) return;  // nobody reads the buffer: this rank's verdict is its own
     try {
       write_guards(st_, gw, zero_local, call.stream);
     } catch (const core::Failure& f) {
@@ -344,33 +363,22 @@ class CudaBackend final : public core::Backend {
       // whose sequence number makes every rank's device verdict fail (CALL_MISMATCH).
       if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, f.what()};
       call.count = 0;
+      guard_write(rank, call, nullptr);  // the host's copy carries the failure (a group of one)
       guards_unwritten_ = true;
     }
   }
 
-  // The staged buffer of a rank whose device part failed: zeros and its failing guards, written
-  // once the previous call's copy out of the staging is done.
-  void fail_into_staging(Call& call, int rank, const std::string& what) {
-    cudaEventSynchronize(staging_free_);
-    if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, what};
-    call.count = 0;
-    std::fill(staging_, staging_ + slots_, 0.0);
-    core::put_guards(staging_, rank, call.err, call.fp);
-  }
-
-  void copy_verdict(Call& call, const double* host) {
-    std::memcpy(call.verdict, host, kGuardSlots * sizeof(double));
-    call.verdict[kGuardSlots] = host[slots_ - 1];
-  }
-
   syncbn_config_t config_;
-  comm::DeviceBuffers mode_;
   int device_ = 0;
   void* block_ = nullptr;                 // one cudaMalloc carved into st_'s arrays
   std::size_t slots_ = 0;                 // the packed buffer's length
-  double* staging_ = nullptr;             // pinned: the packed buffer's host copy
+  std::unique_ptr<comm::HostMirror> mirror_;  // pinned: the packed buffer's host copy
   AsyncRecord* record_host_ = nullptr;    // pinned: async_error's copy of the record
-  cudaEvent_t staging_free_ = nullptr;    // recorded after the last copy out of staging_
+  cudaEvent_t call_done_ = nullptr;       // recorded at the end of the last ordered call
+  cudaStream_t call_stream_ = nullptr;    // the current call's stream
+  cudaStream_t last_stream_ = nullptr;    // the stream call_done_ was recorded on
+  bool order_ = false;                    // the current call takes part in the ordering
+  bool ended_ = false;                    // call_done_ has been recorded
   double last_guards_[kGuardSlots] = {};  // this rank's guards of the current call
   bool guards_unwritten_ = false;         // this call's guards are not on the device
   DeviceState st_;
@@ -384,7 +392,7 @@ namespace syncbn::core {
 
 std::unique_ptr<Backend> make_cuda_backend(const syncbn_config_t& config,
                                            const comm::Communicator& comm, ArgError& err) {
-  auto backend = std::make_unique<cuda::CudaBackend>(config, comm.device_buffers());
+  auto backend = std::make_unique<cuda::CudaBackend>(config);
   err = backend->init(comm);
   if (err) return nullptr;
   return backend;

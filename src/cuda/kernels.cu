@@ -21,6 +21,7 @@
 #include "core/error.hpp"
 #include "core/finalize.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/runtime.hpp"
 
 namespace syncbn::cuda {
 namespace {
@@ -241,8 +242,8 @@ __device__ void finish_tile(const DeviceState& st, unsigned tile, std::int64_t c
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  // atomicInc wraps the counter to 0 at the tile's last block: no reset store, so a counter
-  // is back at 0 after every complete reduction, whatever calls overlapped before.
+  // atomicInc wraps the counter to 0 at the tile's last block, and reduce() zeroes the
+  // counters in stream order before every reduction.
   if (linear_thread() == 0) {
     const auto limit = static_cast<unsigned>(splits - 1);
     last = atomicInc(&st.counters[tile], limit) == limit;
@@ -408,6 +409,11 @@ void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy,
             const Acc<T>* mean, bool keep_local, const GuardWrite& gw, cudaStream_t stream) {
   const std::int64_t max_splits = st.partial_capacity / g.channels;
   const bool vec = vectorizable<T>(g, {x, dy});
+  // The merge counters from 0 in stream order (capturable): a residue that overlapping calls
+  // left (calls the caller did not order) cannot make a later call merge early.
+  cuda::check_cuda(cudaMemsetAsync(st.counters, 0,
+                                   static_cast<std::size_t>(st.channels) * sizeof(unsigned), stream),
+                   "cudaMemsetAsync (merge counters)");
   if (channels_last(g)) {
     const ClShape sh = cl_shape(g, vec ? kVec<T> : 1, st.multiprocessors, max_splits);
     if (vec) {

@@ -230,7 +230,11 @@ TEST(Guard, BatchVerdict) {
   EXPECT_EQ(syncbn::core::batch_verdict(1.0, false), Verdict::pass);
   EXPECT_EQ(syncbn::core::batch_verdict(1.0, true), Verdict::single_value);
   EXPECT_EQ(syncbn::core::batch_verdict(2.0, true), Verdict::pass);
-  EXPECT_EQ(syncbn::core::batch_verdict(std::nan(""), false), Verdict::empty_batch);
+  // A count no batch gives is garbage from the transport, not an empty batch.
+  EXPECT_EQ(syncbn::core::batch_verdict(std::nan(""), false), Verdict::bad_count);
+  EXPECT_EQ(syncbn::core::batch_verdict(-1.0, true), Verdict::bad_count);
+  EXPECT_EQ(syncbn::core::batch_verdict(HUGE_VAL, false), Verdict::bad_count);
+  EXPECT_EQ(syncbn::core::batch_verdict(0.5, false), Verdict::empty_batch);
 }
 
 }  // namespace
