@@ -252,13 +252,17 @@ void mpi_wait(MPI_Request* request, Deadline deadline, const std::string& what,
   }
 }
 
-std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm mpi_comm) {
+void check_mpi_comm(MPI_Comm mpi_comm) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized || mpi_finalized()) {
     core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm: MPI is not initialized (or finalized)");
   }
   if (mpi_comm == MPI_COMM_NULL) core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm is MPI_COMM_NULL");
+}
+
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm mpi_comm) {
+  check_mpi_comm(mpi_comm);
   int rank = 0, size = 0;
   check_mpi(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(mpi_comm, &size), "MPI_Comm_size");

@@ -27,6 +27,10 @@ void mpi_wait(MPI_Request* request, Deadline deadline, const std::string& what,
 // Throws Failure(SYNCBN_ERROR_COMM) naming what if code is not MPI_SUCCESS.
 void check_mpi(int code, const char* what);
 
+// Throws Failure(SYNCBN_ERROR_INVALID_ARGUMENT) unless MPI is initialized and not finalized, and
+// mpi_comm is not MPI_COMM_NULL.
+void check_mpi_comm(MPI_Comm mpi_comm);
+
 }  // namespace syncbn::comm
 
 #endif  // SYNCBN_COMM_MPI_HPP

@@ -39,13 +39,7 @@ int first_failing(bool ok, int rank, int size, MPI_Comm comm, Deadline deadline)
 }  // namespace
 
 void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_rank_out) {
-  int initialized = 0, finalized = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  if (!initialized || finalized) {
-    core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm: MPI is not initialized (or finalized)");
-  }
-  if (mpi_comm == MPI_COMM_NULL) core::fail(SYNCBN_ERROR_INVALID_ARGUMENT, "mpi_comm is MPI_COMM_NULL");
+  check_mpi_comm(mpi_comm);
   const Deadline deadline{default_timeout_seconds()};
   int rank = 0, size = 1;
   check_mpi(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
