@@ -28,8 +28,6 @@ class CallEnd {
   const Call& call_;
 };
 
-// Arrays of C values of the parameter type in a plan's scratch.
-constexpr int kScratchArrays = 6;
 // C at most this, so that the packed buffer's count fits the int of MPI_Allreduce.
 constexpr std::int64_t kMaxFeatures = (std::numeric_limits<int>::max() - 64) / 2;
 // Fields every rank must agree on at plan creation, in this order.
