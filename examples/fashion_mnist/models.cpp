@@ -2,12 +2,14 @@
 
 #include <stdexcept>
 
-#include "sync_batch_norm.hpp"
+#include "syncbn/torch/sync_batch_norm.hpp"
 
 namespace syncbn_examples {
 namespace {
 
 namespace nn = torch::nn;
+using syncbn_torch::SyncBatchNorm;
+using syncbn_torch::SyncBatchNormOptions;
 
 nn::Sequential make_mlp(const BatchNormFactory& batch_norm) {
   nn::Sequential model;

@@ -19,8 +19,8 @@ namespace syncbn_examples {
 using BatchNormFactory =
     std::function<torch::nn::AnyModule(int64_t features, int spatial_dims)>;
 
-// syncbn's SyncBatchNorm over comm (statistics of the global batch), with its parameters,
-// buffers and plans on device (SyncBatchNormOptions::device). COLLECTIVE when called.
+// syncbn's SyncBatchNorm (syncbn::torch) over comm (statistics of the global batch), with its
+// parameters, buffers and plan on device (SyncBatchNormOptions::device). COLLECTIVE when called.
 BatchNormFactory sync_batch_norm_factory(const syncbn::Communicator& comm,
                                          torch::Device device = torch::kCPU);
 

@@ -37,8 +37,8 @@
 #include "data_parallel.hpp"
 #include "fashion_mnist_data.hpp"
 #include "models.hpp"
-#include "sync_batch_norm.hpp"
 #include "syncbn/syncbn_mpi.hpp"
+#include "syncbn/torch/sync_batch_norm.hpp"
 #ifdef SYNCBN_EXAMPLE_NCCL
 #include "data_parallel_nccl.hpp"
 #include "syncbn/syncbn_nccl.hpp"
@@ -47,6 +47,7 @@
 namespace {
 
 using namespace syncbn_examples;
+using syncbn_torch::check_async_errors;
 
 constexpr double kPixelMean = 0.2860;  // of the training set, pixels scaled to [0, 1]
 constexpr double kPixelStd = 0.3530;

@@ -1,14 +1,15 @@
-#include "sync_batch_norm.hpp"
+#include "syncbn/torch/sync_batch_norm.hpp"
 
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "cuda_device.hpp"
+#include "syncbn/torch/cuda_device.hpp"
 
-namespace syncbn_examples {
+namespace syncbn_torch {
 namespace {
+
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -114,9 +115,10 @@ std::string describe(const torch::Tensor& t) {
   return s.str();
 }
 
-syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, syncbn_dtype_t dtype,
+syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, torch::Dtype dtype,
                                  const torch::Device& device) {
-  syncbn_config_t config = syncbn::make_config(o.num_features(), dtype);
+  syncbn_config_t config = syncbn::make_config(
+      o.num_features(), dtype == torch::kFloat64 ? SYNCBN_FLOAT64 : SYNCBN_FLOAT32);
   config.device = device.is_cuda() ? SYNCBN_DEVICE_CUDA : SYNCBN_DEVICE_CPU;
   config.eps = o.eps();
   config.momentum = o.momentum().has_value() ? *o.momentum() : SYNCBN_MOMENTUM_CUMULATIVE;
@@ -136,18 +138,30 @@ torch::Device layer_device(const torch::Device& requested) {
                                          : static_cast<c10::DeviceIndex>(cuda_current_device()));
 }
 
+// COLLECTIVE over comm. The plan of a layer for dtype (float32 or float64) on device; CUDA plans
+// belong to the device current at their creation.
+syncbn::BatchNorm make_plan(const syncbn::Communicator& comm, const SyncBatchNormOptions& o,
+                            torch::Dtype dtype, const torch::Device& device) {
+  const CudaDeviceScope scope(device);
+  return syncbn::BatchNorm(comm, make_plan_config(o, dtype, device));
+}
+
 }  // namespace
 
+
+// One plan per layer. A plan has a fixed dtype, and the module takes float32 or float64 data, so
+// it used to make both plans at construction and pick one per call by the input's dtype: twice
+// the plan memory and the creation collectives of every layer, for a dtype most layers never
+// see. Instead the layer's dtype is state, as its parameters' dtype is: float32 at construction,
+// and to() makes the plan for a new dtype (collectively, as construction does) when it changes
+// (set_dtype). Input of another dtype, which used to select the other plan (and, where ranks
+// differed, a call mismatch on every rank), is now rejected collectively by that rank
+// (check_arguments), so every rank still fails the call alike.
 SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
                                      const SyncBatchNormOptions& options)
-    : options_(options), device_(layer_device(options.device())) {
+    : options_(options), device_(layer_device(options.device())), comm_(comm) {
   options_.device(device_);
-  {
-    // CUDA plans belong to the device current at their creation.
-    const CudaDeviceScope device(device_);
-    plan_float32_ = syncbn::BatchNorm(comm, make_plan_config(options_, SYNCBN_FLOAT32, device_));
-    plan_float64_ = syncbn::BatchNorm(comm, make_plan_config(options_, SYNCBN_FLOAT64, device_));
-  }
+  plan_ = make_plan(comm_, options_, dtype_, device_);
   const int64_t c = options_.num_features();
   const auto on_device = torch::TensorOptions().device(device_);
   if (options_.affine()) {
@@ -167,6 +181,26 @@ SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
     running_var = register_buffer("running_var", torch::Tensor());
     num_batches_tracked = register_buffer("num_batches_tracked", torch::Tensor());
   }
+}
+
+// The plan for dtype replaces the current one when dtype is float32 or float64 and not the
+// layer's already. COLLECTIVE then. Throws before changing anything: the current plan's recorded
+// device errors (they would be lost with it), or the group's plan creation error.
+void SyncBatchNormImpl::set_dtype(torch::Dtype dtype) {
+  if (dtype == dtype_ || (dtype != torch::kFloat32 && dtype != torch::kFloat64)) return;
+  check_async_error();
+  plan_ = make_plan(comm_, options_, dtype, device_);
+  dtype_ = dtype;
+}
+
+void SyncBatchNormImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  set_dtype(dtype);
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+
+void SyncBatchNormImpl::to(torch::Dtype dtype, bool non_blocking) {
+  set_dtype(dtype);
+  torch::nn::Module::to(dtype, non_blocking);
 }
 
 void SyncBatchNormImpl::reset_running_stats() {
@@ -201,11 +235,10 @@ void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
 }
 
 void SyncBatchNormImpl::check_async_error() {
-#ifdef SYNCBN_EXAMPLE_CUDA
+#ifdef SYNCBN_TORCH_CUDA
   if (!device_.is_cuda()) return;
   const CudaDeviceScope device(device_);
-  plan_float32_.check_async_error();
-  plan_float64_.check_async_error();
+  plan_.check_async_error();
 #endif
 }
 
@@ -226,57 +259,63 @@ void check_async_errors(torch::nn::Module& module) {
   }
 }
 
-// The plan for the input's dtype, after checking that input, parameters and statistics are on
-// the layer's device and that parameters and statistics have the input's dtype. The shape is
-// NOT checked here: a rank throwing before the collective would leave its peers waiting in it.
-// The library checks ndim and C inside the collective, so a bad shape on one rank fails on
-// every rank with a message naming it. A dtype that differs across ranks selects different
-// plans, which the library reports as SYNCBN_ERROR_CALL_MISMATCH everywhere. Only what would
-// make the library read memory wrongly is refused locally.
-syncbn::BatchNorm& SyncBatchNormImpl::plan_for(const torch::Tensor& input) {
+// Checks that input, parameters and statistics are on the layer's device (locally: a rank
+// throws here) and of the plan's dtype (collectively: a rank whose tensors are not takes part in
+// the call as a rank that rejected its arguments, syncbn_plan_reject_call, so every rank fails
+// it alike, SYNCBN_ERROR_INVALID_ARGUMENT naming that rank and tensor). The shape is NOT checked
+// here: a rank throwing before the collective would leave its peers waiting in it. The library
+// checks ndim and C inside the collective, so a bad shape on one rank fails on every rank with a
+// message naming it. Only what would make the library read memory wrongly is refused locally.
+void SyncBatchNormImpl::check_arguments(const torch::Tensor& input) {
   TORCH_CHECK(input.device() == device_, "SyncBatchNorm: the layer is on ", device_,
               " but the input is ", describe(input),
               device_.is_cpu() ? "; for CUDA input construct the layer with "
                                  "SyncBatchNormOptions::device"
                                : "");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64,
-              "SyncBatchNorm: float32 or float64 input only, got ", describe(input));
   for (const torch::Tensor* t :
        {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
-    TORCH_CHECK(!t->defined() || t->device() == device_, "SyncBatchNorm: the layer's plans are "
+    TORCH_CHECK(!t->defined() || t->device() == device_, "SyncBatchNorm: the layer's plan is "
                 "for ", device_, " but its parameters/statistics are on ", t->device(),
                 "; the layer cannot move between devices (set SyncBatchNormOptions::device)");
   }
-  for (const torch::Tensor* t : {&weight, &bias, &running_mean, &running_var}) {
-    TORCH_CHECK(!t->defined() || t->scalar_type() == dtype, "SyncBatchNorm: input is ", dtype,
-                " but parameters/statistics are ", t->scalar_type(),
-                "; move the module to the input's dtype");
+  const std::pair<const char*, const torch::Tensor*> tensors[] = {
+      {"x", &input},
+      {"weight", &weight},
+      {"bias", &bias},
+      {"running_mean", &running_mean},
+      {"running_var", &running_var}};
+  for (const auto& [name, t] : tensors) {
+    if (!t->defined() || t->scalar_type() == dtype_) continue;
+    std::ostringstream detail;
+    detail << "SyncBatchNorm: " << name << " is " << t->scalar_type() << " but the layer is "
+           << dtype_ << "; pass input of the layer's dtype, or move the module with ->to(dtype) "
+           << "(float32 or float64) on every rank";
+    const CudaDeviceScope device(device_);
+    plan_.reject_call(is_training() ? SYNCBN_CALL_FORWARD_TRAINING : SYNCBN_CALL_FORWARD_INFERENCE,
+                      name, SYNCBN_PROBLEM_DTYPE, detail.str().c_str());
   }
-  return dtype == torch::kFloat64 ? plan_float64_ : plan_float32_;
 }
 
 torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
-  syncbn::BatchNorm& plan = plan_for(input);
   if (num_batches_tracked.defined() && num_batches_tracked.scalar_type() != torch::kInt64) {
     // Module::to(dtype) converts every buffer, this counter too; the library counts in int64.
     num_batches_tracked.set_data(num_batches_tracked.to(torch::kInt64));
   }
-  if (!is_training()) return forward_eval(input, plan);
+  check_arguments(input);
+  if (!is_training()) return forward_eval(input);
   const bool channels_last = options_.channels_last();
   const torch::Tensor x = to_plan_layout(input, channels_last);
   const auto optional_param = [](const torch::Tensor& t) {
     return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
   };
-  const TrainingState state{plan, options_.num_features(), running_mean, running_var,
+  const TrainingState state{plan_, options_.num_features(), running_mean, running_var,
                             num_batches_tracked};
   const torch::Tensor y =
       SyncBatchNormFunction::apply(x, optional_param(weight), optional_param(bias), state);
   return from_plan_layout(y, channels_last);
 }
 
-torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input,
-                                              syncbn::BatchNorm& plan) {
+torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input) {
   const bool needs_grad =
       input.requires_grad() || (weight.defined() && weight.requires_grad()) ||
       (bias.defined() && bias.requires_grad());
@@ -287,9 +326,9 @@ torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input,
   const torch::Tensor x = to_plan_layout(input, channels_last);
   torch::Tensor y = torch::empty_like(x);
   const CudaDeviceScope device(x.device());
-  plan.forward_inference(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
+  plan_.forward_inference(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
                          data_or_null(running_mean), data_or_null(running_var), y.data_ptr());
   return from_plan_layout(y, channels_last);
 }
 
-}  // namespace syncbn_examples
+}  // namespace syncbn_torch

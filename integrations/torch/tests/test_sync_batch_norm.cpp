@@ -4,37 +4,61 @@
 // outputs, input gradients, summed parameter gradients, running statistics and evaluation-mode
 // outputs with the reference it computes itself. For (N, C) and (N, C, H, W) input, channels
 // first and last, with and without affine parameters, momentum 0.1 and cumulative, float32 and
-// float64. Exits nonzero on any mismatch.
+// float64. Then the layer's one plan: a rank whose input is not of the layer's dtype fails the
+// call on every rank, naming that rank; ->to(dtype) makes the plan for the new dtype; and a
+// counting communicator sees one plan creation per layer and per change of dtype. Exits nonzero
+// on any mismatch.
 //
 //   test_sync_batch_norm [--device cpu|cuda] [--comm mpi|nccl]
 //
 // --device cuda runs the module on one GPU per rank (local rank % GPUs), over syncbn's MPI
-// communicator (--comm mpi) or its NCCL one (--comm nccl; NCCL allows one rank per GPU), against
-// the same CPU reference; without a CUDA device it prints "SKIPPED: no CUDA device" and exits 0.
+// communicator (--comm mpi) or its NCCL one (--comm nccl, bootstrapped by
+// syncbn_nccl_comm_init_mpi; NCCL allows one rank per GPU), against the same CPU reference;
+// without a CUDA device it prints "SKIPPED: no CUDA device" and exits 0.
 #include <mpi.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "cuda_device.hpp"
-#include "data_parallel.hpp"
-#include "sync_batch_norm.hpp"
 #include "syncbn/syncbn_mpi.hpp"
-#ifdef SYNCBN_EXAMPLE_NCCL
-#include "data_parallel_nccl.hpp"
+#include "syncbn/torch/sync_batch_norm.hpp"
+#ifdef SYNCBN_TORCH_TEST_NCCL
 #include "syncbn/syncbn_nccl.hpp"
+#include "syncbn/syncbn_nccl_mpi.h"
 #endif
 
 namespace {
 
-using syncbn_examples::SyncBatchNorm;
-using syncbn_examples::SyncBatchNormOptions;
+using syncbn_torch::SyncBatchNorm;
+using syncbn_torch::SyncBatchNormOptions;
 namespace F = torch::nn::functional;
+
+int mpi_rank(MPI_Comm comm) {
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  return rank;
+}
+
+int mpi_size(MPI_Comm comm) {
+  int size = 0;
+  MPI_Comm_size(comm, &size);
+  return size;
+}
+
+// COLLECTIVE. This rank's index among the ranks of comm on its node.
+int local_rank(MPI_Comm comm) {
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, mpi_rank(comm), MPI_INFO_NULL, &node);
+  const int rank = mpi_rank(node);
+  MPI_Comm_free(&node);
+  return rank;
+}
 
 constexpr int64_t kChannels = 3;
 constexpr int kSteps = 2;  // two training steps: the running statistics see two batches
@@ -57,7 +81,7 @@ struct Case {
 
 class Checker {
  public:
-  explicit Checker(MPI_Comm comm) : comm_(comm), rank_(syncbn_examples::mpi_rank(comm)) {}
+  explicit Checker(MPI_Comm comm) : comm_(comm), rank_(mpi_rank(comm)) {}
 
   // max|a - b| <= tolerance * max(1, max|b|)
   void expect_close(const std::string& what, const torch::Tensor& a, const torch::Tensor& b,
@@ -78,7 +102,11 @@ class Checker {
   }
 
   // COLLECTIVE. Failures over all ranks.
-  int64_t total_failures() const { return syncbn_examples::allreduce_sum(failures_, comm_); }
+  int64_t total_failures() const {
+    int64_t sum = failures_;
+    MPI_Allreduce(MPI_IN_PLACE, &sum, 1, MPI_INT64_T, MPI_SUM, comm_);
+    return sum;
+  }
 
  private:
   MPI_Comm comm_;
@@ -137,10 +165,28 @@ torch::Tensor summed_over_ranks(const torch::Tensor& local, MPI_Comm comm) {
   return sum;
 }
 
+#ifdef SYNCBN_TORCH_TEST_NCCL
+// An NCCL communicator over the MPI ranks (syncbn_nccl_comm_init_mpi: one GPU per rank, made
+// current), destroyed at the end.
+struct NcclCommunicator {
+  explicit NcclCommunicator(MPI_Comm comm) {
+    syncbn::check(syncbn_nccl_comm_init_mpi(comm, &nccl, &device));
+  }
+  ~NcclCommunicator() {
+    if (nccl != nullptr) ncclCommDestroy(nccl);  // nothing to do about a failure here
+  }
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  ncclComm_t nccl = nullptr;
+  int device = 0;  // the local rank's GPU
+};
+#endif
+
 // The communicator and device the module runs on.
 struct Setup {
-#ifdef SYNCBN_EXAMPLE_NCCL
-  std::unique_ptr<syncbn_examples::NcclCommunicator> nccl;  // outlives comm
+#ifdef SYNCBN_TORCH_TEST_NCCL
+  std::unique_ptr<NcclCommunicator> nccl;  // outlives comm
 #endif
   syncbn::Communicator comm;
   torch::Device device = torch::kCPU;
@@ -149,7 +195,7 @@ struct Setup {
 void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
   const syncbn::Communicator& comm = setup.comm;
   const torch::Device device = setup.device;
-  const int rank = syncbn_examples::mpi_rank(mpi), ranks = syncbn_examples::mpi_size(mpi);
+  const int rank = mpi_rank(mpi), ranks = mpi_size(mpi);
   const auto [offset, count] = share(rank, ranks);
   const double tol = c.tolerance();
   const std::string name = c.name();
@@ -217,8 +263,8 @@ void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
 // Over NCCL the other ranks learn it from the device (check_async_error), not from the call.
 void run_bad_shape_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
   SyncBatchNorm bn(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
-  const int last = syncbn_examples::mpi_size(mpi) - 1;
-  const bool bad = syncbn_examples::mpi_rank(mpi) == last;
+  const int last = mpi_size(mpi) - 1;
+  const bool bad = mpi_rank(mpi) == last;
   const torch::Tensor x =
       torch::randn({4, bad ? kChannels + 1 : kChannels, 5}).to(setup.device);
   std::string message;
@@ -232,6 +278,75 @@ void run_bad_shape_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
   if (message.find(want) == std::string::npos) {
     check.fail("bad shape on the last rank",
                "expected an error containing '" + want + "', got '" + message + "'");
+  }
+}
+
+// The layer's one plan, counted on a one-rank custom communicator (CPU) whose allreduce records
+// its sizes: plan creation sums 77 doubles (docs/design.md section 2.2), a training forward
+// 2C + 18. Construction makes one plan, ->to() to another dtype one more, ->to() to the same
+// dtype none.
+void run_plan_count_case(Checker& check) {
+  auto sizes = std::make_shared<std::vector<std::size_t>>();
+  const syncbn::Communicator comm = syncbn::custom_communicator(
+      0, 1, [sizes](double*, std::size_t count, syncbn_device_t, void*) {
+        sizes->push_back(count);
+        return 0;
+      });
+  const auto creations = [&sizes] {
+    return std::count(sizes->begin(), sizes->end(), std::size_t{77});
+  };
+  SyncBatchNorm bn(comm, SyncBatchNormOptions(kChannels));
+  if (creations() != 1) check.fail("plans of a new layer", std::to_string(creations()));
+  bn->to(torch::kFloat64);
+  bn->to(torch::kFloat64);
+  if (creations() != 2) check.fail("plans after ->to(float64) twice", std::to_string(creations()));
+  bn->to(torch::kCPU, torch::kFloat32);
+  if (creations() != 3) check.fail("plans after ->to(cpu, float32)", std::to_string(creations()));
+  bn(torch::randn({4, kChannels}));
+  if (sizes->size() != 4 || sizes->back() != 2 * kChannels + 18) {
+    check.fail("one forward", "not one allreduce of 2C + 18 doubles after the plans");
+  }
+}
+
+// A float64 input on the last rank only, in training, into a float32 layer: every rank fails the
+// call, with the error naming that rank (the layer's one plan is float32; the rank rejects its
+// input). ->to(torch::kFloat64) then makes the plan for float64 on every rank, and the layer
+// trains on float64 input; ->to(torch::kFloat32) goes back.
+void run_dtype_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
+  SyncBatchNorm bn(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
+  const int last = mpi_size(mpi) - 1;
+  const bool bad = mpi_rank(mpi) == last;
+  const auto x = [&](torch::Dtype dtype) {
+    return torch::randn({4, kChannels, 5}, torch::TensorOptions().dtype(dtype))
+        .to(setup.device);
+  };
+  if (bn->dtype() != torch::kFloat32) check.fail("dtype", "a new layer is not float32");
+
+  std::string message;
+  try {
+    bn(x(bad ? torch::kFloat64 : torch::kFloat32));
+    bn->check_async_error();
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  const std::string want = "rank " + std::to_string(last) + ": x is not of the plan's dtype";
+  if (message.find(want) == std::string::npos) {
+    check.fail("float64 input on the last rank",
+               "expected an error containing '" + want + "', got '" + message + "'");
+  }
+
+  for (torch::Dtype dtype : {torch::kFloat64, torch::kFloat32}) {
+    bn->to(dtype);
+    const std::string at = std::string("after ->to(") + c10::toString(dtype) + ")";
+    if (bn->dtype() != dtype) check.fail(at, "dtype() is not the new dtype");
+    if (bn->weight.scalar_type() != dtype) check.fail(at, "weight is not of the new dtype");
+    try {
+      const torch::Tensor y = bn(x(dtype));
+      bn->check_async_error();
+      if (y.scalar_type() != dtype) check.fail(at, "y is not of the new dtype");
+    } catch (const std::exception& e) {
+      check.fail(at, std::string("forward threw: ") + e.what());
+    }
   }
 }
 
@@ -275,19 +390,22 @@ void set_up(const std::string& device, const std::string& comm, Setup& setup) {
     return;
   }
   if (comm == "nccl") {
-#ifdef SYNCBN_EXAMPLE_NCCL
-    setup.nccl = std::make_unique<syncbn_examples::NcclCommunicator>(MPI_COMM_WORLD);
+#ifdef SYNCBN_TORCH_TEST_NCCL
+    setup.nccl = std::make_unique<NcclCommunicator>(MPI_COMM_WORLD);
     setup.device =
-        torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(setup.nccl->device()));
-    setup.comm = syncbn::nccl_communicator(setup.nccl->get());
+        torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(setup.nccl->device));
+    setup.comm = syncbn::nccl_communicator(setup.nccl->nccl);
     return;
 #else
     throw std::invalid_argument("--comm nccl: built without NCCL (SYNCBN_WITH_NCCL=OFF)");
 #endif
   }
-  setup.device = torch::Device(
-      torch::kCUDA,
-      static_cast<c10::DeviceIndex>(syncbn_examples::select_local_cuda_device(MPI_COMM_WORLD)));
+  // One GPU per local rank, as syncbn_nccl_comm_init_mpi chooses it; the layers make it current
+  // for their calls (SyncBatchNormOptions::device).
+  const int local = local_rank(MPI_COMM_WORLD);
+  const int count = static_cast<int>(torch::cuda::device_count());
+  if (count <= 0) throw std::runtime_error("no CUDA device");
+  setup.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local % count));
   setup.comm = syncbn::mpi_communicator(MPI_COMM_WORLD);
 }
 
@@ -298,7 +416,7 @@ int main(int argc, char** argv) {
   // thread while the main thread waits: one thread at a time.
   int provided = MPI_THREAD_SINGLE;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
-  const int rank = syncbn_examples::mpi_rank(MPI_COMM_WORLD);
+  const int rank = mpi_rank(MPI_COMM_WORLD);
   int64_t failures = 1;
   // Outlives the handler below: a failing rank aborts before tearing down communicators that
   // its peers may be waiting in.
@@ -307,10 +425,10 @@ int main(int argc, char** argv) {
     std::string device = "cpu", comm = "mpi";
     parse_arguments(argc, argv, device, comm);
     if (device == "cuda" &&
-        !(syncbn_examples::built_with_cuda() && torch::cuda::is_available())) {
+        !(syncbn_torch::built_with_cuda() && torch::cuda::is_available())) {
       if (rank == 0) {
         std::printf("test_sync_batch_norm: SKIPPED: no CUDA device (%s)\n",
-                    syncbn_examples::built_with_cuda() ? "torch::cuda::is_available() is false"
+                    syncbn_torch::built_with_cuda() ? "torch::cuda::is_available() is false"
                                                        : "built without SYNCBN_WITH_CUDA");
       }
       MPI_Finalize();
@@ -325,11 +443,13 @@ int main(int argc, char** argv) {
     const std::vector<Case> cases = all_cases();
     for (const Case& c : cases) run_case(c, *setup, MPI_COMM_WORLD, check);
     run_bad_shape_case(*setup, MPI_COMM_WORLD, check);
+    run_dtype_case(*setup, MPI_COMM_WORLD, check);
+    run_plan_count_case(check);
     failures = check.total_failures();
     setup.reset();  // the syncbn communicator, then the NCCL one
     if (rank == 0) {
       std::printf("test_sync_batch_norm: %zu cases on %d ranks, %s over %s: %s\n", cases.size(),
-                  syncbn_examples::mpi_size(MPI_COMM_WORLD), device.c_str(), comm.c_str(),
+                  mpi_size(MPI_COMM_WORLD), device.c_str(), comm.c_str(),
                   failures == 0 ? "all passed" : "FAILED");
     }
   } catch (const std::exception& e) {  // the other ranks may be waiting in a collective
