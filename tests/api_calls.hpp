@@ -1,7 +1,7 @@
 // tests/api_calls.hpp: one C API call of forward, backward or eval as a value (CallArgs) that a
 // negative test breaks in exactly one way, and a set of valid buffers for it (CallBuffers) that
-// can say whether a failed call left everything as it was. Shared by the single-process and the
-// MPI error tests.
+// can say whether a failed call left everything as it was. The one bad-argument table
+// (bad_args.hpp) is made of them, for the single-process, MPI, thread-rank and CUDA suites.
 #ifndef SYNCBN_TESTS_API_CALLS_HPP
 #define SYNCBN_TESTS_API_CALLS_HPP
 

@@ -1,7 +1,8 @@
 // tests/cuda_helpers.hpp: what the GPU tests share: whether a CUDA device is visible (tests skip
 // where none is), the four data types on the host (fp16 / bf16 through cuda_fp16.h and
 // cuda_bf16.h) with their tolerances, device buffers and streams, a layer's parameters and
-// statistics in device memory, and the CUDA-graph check (capture forward + backward once, replay
+// statistics in device memory, DeviceMemory (the scenario runner's Memory policy for CUDA plans,
+// scenarios.hpp), and the CUDA-graph check (capture forward + backward once, replay
 // it step by step, compare with the same steps run eagerly) that the single-process and the NCCL
 // tests both run.
 //
@@ -167,20 +168,6 @@ std::vector<double> storage_to_double(const std::vector<S>& v) {
   return d;
 }
 
-// Byte equality that prints no values (fp16 / bf16 have no unambiguous operator<<).
-template <class T>
-::testing::AssertionResult same_bytes(const std::string& what, const std::vector<T>& got,
-                                      const std::vector<T>& want) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure()
-           << what << ": size " << got.size() << ", want " << want.size();
-  for (size_t i = 0; i < got.size(); ++i)
-    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0)
-      return ::testing::AssertionFailure()
-             << what << ": changed, first at [" << i << "] of " << got.size();
-  return ::testing::AssertionSuccess();
-}
-
 inline ::testing::AssertionResult all_nan(const std::string& what, const std::vector<double>& v) {
   for (size_t i = 0; i < v.size(); ++i)
     if (!std::isnan(v[i]))
@@ -312,21 +299,37 @@ struct DeviceLayerState {
   }
 };
 
-// The running statistics and num_batches_tracked on the device equal, byte for byte, `before`.
-template <class P>
-::testing::AssertionResult state_unchanged(const std::string& when, const DeviceLayerState<P>& dev,
-                                           const LayerState<P>& before) {
-  const LayerState<P> now = dev.download();
-  auto r = same_bytes("running_mean " + when, now.running_mean, before.running_mean);
-  if (!r) return r;
-  r = same_bytes("running_var " + when, now.running_var, before.running_var);
-  if (!r) return r;
-  if (now.num_batches_tracked != before.num_batches_tracked)
-    return ::testing::AssertionFailure()
-           << "num_batches_tracked " << when << ": " << now.num_batches_tracked << ", was "
-           << before.num_batches_tracked;
-  return ::testing::AssertionSuccess();
-}
+// state_unchanged (reference.hpp) compares a DeviceLayerState with a LayerState.
+
+// ---- the Memory policy of the scenario runner (scenarios.hpp) for CUDA plans ------------------
+
+// Device memory, data of storage type S (fp32, fp64, fp16, bf16) and parameters of its parameter
+// type, with the tolerances of CudaType<S>; inputs rounded to S before the reference sees them.
+// Calls run on the test's own non-blocking stream (or the legacy default stream); finish waits
+// for them and requires that the device recorded no error.
+template <class S_>
+struct DeviceMemory {
+  using S = S_;
+  using P = typename CudaType<S>::Param;
+  static constexpr syncbn_dtype_t dtype = CudaType<S>::dtype;
+  static constexpr syncbn_device_t device = SYNCBN_DEVICE_CUDA;
+  static constexpr double data = CudaType<S>::data;
+  static constexpr double stats = CudaType<S>::stats;
+  static constexpr double sums = CudaType<S>::sums;
+  template <class X>
+  using Array = DeviceArray<X>;
+  using State = DeviceLayerState<P>;
+  using Stream = ::syncbn_test::Stream;
+
+  static S from_double(double v) { return CudaType<S>::from_double(v); }
+  static std::vector<P> rounded(std::vector<P> v) { return rounded_to<S>(std::move(v)); }
+  static std::vector<S> storage(const std::vector<P>& v) { return to_storage<S>(v); }
+  static std::vector<double> values(const DeviceArray<S>& a) { return download_double(a); }
+  static void finish(syncbn_plan_t plan, void* stream, const char* what) {
+    expect_no_async_error(plan, stream, what);
+    SYNCBN_CUDA_EXPECT(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+  }
+};
 
 // ---- CUDA graphs: capture once, replay, compare with eager steps -----------------------------
 

@@ -1,6 +1,7 @@
 // tests/mpi_helpers.hpp: what the MPI tests share besides the reference: the world's rank and
 // size, an MPI communicator of the tests' own over a consecutive group of ranks (for checks,
-// separate from the library's duplicated one), cross-rank comparisons and plan handles.
+// separate from the library's duplicated one), cross-rank comparisons, custom communicators over
+// MPI, and MpiRanks, the Ranks policy of the scenario runner (scenarios.hpp).
 //
 // Rule for every MPI test: the sequence of collective calls (library or MPI) must not depend on
 // any check's outcome, so checks between collectives use EXPECT_*, never ASSERT_*, and library
@@ -146,50 +147,43 @@ inline CommHandle world_comm(CommKind kind = CommKind::mpi) {
 
 // The message of the last error, checked to name the given words.
 inline ::testing::AssertionResult message_names(const std::vector<std::string>& words) {
-  const std::string msg = syncbn_last_error();
-  for (const auto& w : words)
-    if (msg.find(w) == std::string::npos)
-      return ::testing::AssertionFailure()
-             << rank_tag() << ": message '" << msg << "' does not contain '" << w << "'";
-  return ::testing::AssertionSuccess();
+  return last_error_names(rank_tag(), words);
 }
 
-// ---- scenarios (test_mpi_correctness's Scenario, cuda_scenarios.hpp's CudaScenario) ----------
+// ---- the Ranks policy of the scenario runner (scenarios.hpp) ---------------------------------
 
-// Whether a scenario that splits the world into groups of group_size (0: no split) fits this
-// world; decided from the world size alone, so alike on every rank. If not, *why says so.
-inline bool split_fits(int group_size, std::string* why) {
-  const int P = world_size();
-  if (group_size > 1 && (P % group_size != 0 || P == group_size)) {
-    *why = "split(" + std::to_string(group_size) + ") needs a world that is a multiple of " +
-           std::to_string(group_size) + " and larger; this one has " + std::to_string(P) +
-           " rank(s)";
-    return false;
+// MPI processes as the ranks: the world's rank and size, and the tests' own MPI communicator over
+// a consecutive group (TestGroup) for the cross-rank checks.
+struct MpiRanks {
+  int rank() const { return world_rank(); }
+  int size() const { return world_size(); }
+  std::string tag() const { return rank_tag(); }
+  // One process, one rank: what make() returns is this rank's alone.
+  template <class D, class Make>
+  std::shared_ptr<D> share(Make&& make) const {
+    return make();
   }
-  return true;
-}
 
-// COLLECTIVE: the communicator a scenario runs on: world itself (group_size 0), or this rank's
-// group of syncbn_comm_split(world, group_size), then owned by sub.
-inline syncbn_comm_t scenario_comm(syncbn_comm_t world, int group_size, CommHandle& sub) {
-  if (group_size == 0) return world;
-  syncbn_comm_t s = nullptr;
-  EXPECT_EQ(syncbn_comm_split(world, group_size, &s), SYNCBN_SUCCESS)
-      << rank_tag() << ": split(" << group_size << "): " << syncbn_last_error();
-  sub.reset(s);
-  int sub_size = -1;
-  syncbn_comm_size(s, &sub_size);
-  EXPECT_EQ(sub_size, group_size) << rank_tag();
-  return s;
-}
+  // COLLECTIVE (construction and every check): the consecutive group of k world ranks holding
+  // this rank.
+  class Group {
+   public:
+    Group(const MpiRanks&, int k) : group_(k) {}
+    int first() const { return group_.first_world_rank(); }
+    template <class T>
+    ::testing::AssertionResult same_as_rank0(const std::string& what,
+                                             const std::vector<T>& v) const {
+      return syncbn_test::same_as_rank0(what, v, group_.comm());
+    }
+    template <class T>
+    std::vector<double> sum(const std::vector<T>& v) const {
+      return sum_over_ranks(v, group_.comm());
+    }
 
-// A scenario's layer configuration (Sc: a scenario struct with channels, affine, track, momentum
-// and global_grads) for data type dtype in layout.
-template <class Sc>
-syncbn_config_t scenario_config(const Sc& sc, syncbn_dtype_t dtype, syncbn_layout_t layout) {
-  return make_cfg(sc.channels, dtype, layout, sc.affine, sc.track, sc.momentum, 1e-5,
-                  sc.global_grads);
-}
+   private:
+    TestGroup group_;
+  };
+};
 
 }  // namespace syncbn_test
 

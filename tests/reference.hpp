@@ -1,6 +1,6 @@
-// tests/reference.hpp: the fp64 reference batch norm and the helpers shared by the single-process
-// and the MPI tests (tensor geometry in both layouts, seeded data, comparisons with clear
-// failure messages).
+// tests/reference.hpp: the fp64 reference batch norm and the helpers shared by every suite
+// (single-process, MPI, thread-rank, GPU): tensor geometry in both layouts, seeded data,
+// comparisons with clear failure messages (values, bytes, a layer's state, the last error).
 //
 // The reference works on per-channel lists of values rather than on one tensor, so that the
 // global batch of a group of ranks is simply the concatenation of every rank's per-channel
@@ -524,6 +524,58 @@ template <class T>
   os.precision(17);
   os << what << ": differs bitwise, first at [" << i << "]: " << got[i] << " vs " << want[i];
   return ::testing::AssertionFailure() << os.str();
+}
+
+// Byte equality that prints no values (fp16 / bf16 have no unambiguous operator<<).
+template <class T>
+::testing::AssertionResult same_bytes(const std::string& what, const std::vector<T>& got,
+                                      const std::vector<T>& want) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure()
+           << what << ": size " << got.size() << ", want " << want.size();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0)
+      return ::testing::AssertionFailure()
+             << what << ": changed, first at [" << i << "] of " << got.size();
+  return ::testing::AssertionSuccess();
+}
+
+// The running statistics and num_batches_tracked of a layer's state in any memory (State:
+// HostLayerState, DeviceLayerState, anything whose download() gives a LayerState<P>) equal,
+// byte for byte, `before`.
+template <class State, class P>
+::testing::AssertionResult state_unchanged(const std::string& when, const State& state,
+                                           const LayerState<P>& before) {
+  const LayerState<P> now = state.download();
+  auto r = same_bytes("running_mean " + when, now.running_mean, before.running_mean);
+  if (!r) return r;
+  r = same_bytes("running_var " + when, now.running_var, before.running_var);
+  if (!r) return r;
+  if (now.num_batches_tracked != before.num_batches_tracked)
+    return ::testing::AssertionFailure()
+           << "num_batches_tracked " << when << ": " << now.num_batches_tracked << ", was "
+           << before.num_batches_tracked;
+  return ::testing::AssertionSuccess();
+}
+
+// The message of the last error names every word (tag: who is asking, for the failure's text).
+inline ::testing::AssertionResult last_error_names(const std::string& tag,
+                                                   const std::vector<std::string>& words) {
+  const std::string msg = syncbn_last_error();
+  for (const auto& w : words)
+    if (msg.find(w) == std::string::npos)
+      return ::testing::AssertionFailure()
+             << tag << ": message '" << msg << "' does not contain '" << w << "'";
+  return ::testing::AssertionSuccess();
+}
+
+// The plan recorded no error for later (syncbn_plan_get_async_error on stream: SYNCBN_SUCCESS,
+// and nothing to report); what: the call it follows.
+inline void expect_no_async_error(syncbn_plan_t plan, void* stream, const char* what) {
+  syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
+  EXPECT_EQ(syncbn_plan_get_async_error(plan, stream, &async), SYNCBN_SUCCESS)
+      << what << ": " << syncbn_last_error();
+  EXPECT_EQ(async, SYNCBN_SUCCESS) << what << ": asynchronous error " << syncbn_last_error();
 }
 
 // Owning handles for the C API.

@@ -9,7 +9,8 @@
 #   tests/run_sanitized.sh thread [extra ctest arguments]
 #       TSan (clang, LLVM libomp, the archer OMPT tool) over the single-process suite (ctest -L
 #       single: the OpenMP CPU kernels of src/cpu/kernels.cpp through tests/cpu/, and the
-#       thread-rank custom communicators of test_custom_comm.cpp) at OMP_NUM_THREADS=2 and 4, then
+#       thread-rank custom communicators of test_custom_comm.cpp and test_thread_scenarios.cpp)
+#       at OMP_NUM_THREADS=2 and 4, then
 #       the MPI tests (ctest -L mpi). build-tsan/ (or $BUILD_DIR). Examples and benchmarks are not
 #       built.
 #

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "api_calls.hpp"
+#include "bad_args.hpp"
 #include "cuda_helpers.hpp"
 #include "reference.hpp"
 #include "syncbn/syncbn.h"
@@ -903,93 +904,24 @@ TEST(CudaStreamOrder, CallsOnlyEnqueueOnTheGivenStream) {
 
 // ---- argument checks of CUDA plans -------------------------------------------------------------
 
-// A valid fp32 channels-first call on (4, 3, 5) with device buffers, broken one way per case:
-// SYNCBN_ERROR_INVALID_ARGUMENT from the call, a message naming the argument, nothing changed
-// (running statistics, num_batches_tracked, outputs), nothing reported asynchronously later; the
-// plan still works afterwards.
-struct CudaArgCase {
-  const char* name;
-  Op op;
-  void (*mutate)(CallArgs&);
-  const char* names;
-};
-
-const int64_t kShapeWrongC[] = {4, 4, 5};
-const int64_t kShapeNegN[] = {-1, 3, 5};
-const int64_t kShape6d[] = {4, 3, 1, 1, 1, 5};
-
-const CudaArgCase kCudaArgCases[] = {
-    {"fwd_null_x", Op::kForward, [](CallArgs& a) { a.x = nullptr; }, "x"},
-    {"fwd_null_y", Op::kForward, [](CallArgs& a) { a.y = nullptr; }, "y"},
-    {"fwd_null_weight", Op::kForward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
-    {"fwd_null_bias", Op::kForward, [](CallArgs& a) { a.bias = nullptr; }, "bias"},
-    {"fwd_null_running_mean", Op::kForward, [](CallArgs& a) { a.running_mean = nullptr; },
-     "running_mean"},
-    {"fwd_null_running_var", Op::kForward, [](CallArgs& a) { a.running_var = nullptr; },
-     "running_var"},
-    {"fwd_null_shape", Op::kForward, [](CallArgs& a) { a.shape = nullptr; }, "shape"},
-    {"fwd_wrong_C", Op::kForward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
-    {"fwd_negative_N", Op::kForward, [](CallArgs& a) { a.shape = kShapeNegN; }, ""},
-    {"fwd_ndim_1", Op::kForward, [](CallArgs& a) { a.ndim = 1; }, "ndim"},
-    {"fwd_ndim_6", Op::kForward,
-     [](CallArgs& a) {
-       a.ndim = 6;
-       a.shape = kShape6d;
-     },
-     "ndim"},
-    {"bwd_null_dy", Op::kBackward, [](CallArgs& a) { a.dy = nullptr; }, "dy"},
-    {"bwd_null_dx", Op::kBackward, [](CallArgs& a) { a.dx = nullptr; }, "dx"},
-    {"bwd_null_weight", Op::kBackward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
-    {"bwd_null_save_mean", Op::kBackward, [](CallArgs& a) { a.bsave_mean = nullptr; }, "save_mean"},
-    {"bwd_null_save_invstd", Op::kBackward, [](CallArgs& a) { a.bsave_invstd = nullptr; },
-     "save_invstd"},
-    {"bwd_wrong_C", Op::kBackward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
-    {"eval_null_x", Op::kInference, [](CallArgs& a) { a.x = nullptr; }, "x"},
-    {"eval_null_running_var", Op::kInference, [](CallArgs& a) { a.running_var = nullptr; },
-     "running_var"},
-    {"eval_wrong_C", Op::kInference, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
-};
-
-class CudaArgChecks : public ::testing::TestWithParam<CudaArgCase> {};
+// The cases of the one table (tests/bad_args.hpp) marked for device memory: a valid fp32
+// channels-first call on (4, 3, 5) with device buffers (CallBuffersIn, DeviceMemory), broken one
+// way per case: SYNCBN_ERROR_INVALID_ARGUMENT from the call, a message naming the argument,
+// nothing changed (running statistics, num_batches_tracked, outputs), nothing reported
+// asynchronously later; the plan still works afterwards.
+class CudaArgChecks : public ::testing::TestWithParam<ArgCase> {};
 
 TEST_P(CudaArgChecks, InvalidArgumentAndNothingChanged) {
   SYNCBN_SKIP_WITHOUT_CUDA();
-  const CudaArgCase& tc = GetParam();
-  const int64_t C = 3;
-  const size_t c = static_cast<size_t>(C);
-  Rng rng(test_seed());
-  const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, 4, C, {5});
-  const auto shape = g.shape();
-  const size_t n = static_cast<size_t>(g.numel());
+  const ArgCase& tc = GetParam();
+  ASSERT_EQ(tc.want, SYNCBN_ERROR_INVALID_ARGUMENT) << "a case for device memory";
   syncbn::BatchNorm bn(syncbn::Communicator::self(),
-                       cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST));
-  const LayerState<float> st = LayerState<float>::random(C, rng);
-  DeviceLayerState<float> dev(st);
-  const std::vector<float> out_n(n, -777.f), out_c(c, -777.f);
-  DeviceArray<float> x(random_batch<float>(g, rng)), dy(random_batch<float>(g, rng)), y(out_n),
-      dx(out_n), sm(out_c), si(out_c), dw(out_c), db(out_c),
-      bsm(random_vector<float>(c, rng, -1, 1)), bsi(random_vector<float>(c, rng, 0.5, 2));
+                       cuda_config(3, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST));
+  const CallBuffers before(4, 3, 5, test_seed());
+  const CallBuffersIn<DeviceMemory<float>> dev(before);
   Stream stream;
-  CallArgs a{bn.get(),
-             g.ndim(),
-             shape.data(),
-             x.data(),
-             dy.data(),
-             dev.weight.data(),
-             dev.bias.data(),
-             y.data(),
-             sm.data(),
-             si.data(),
-             dev.running_mean.data(),
-             dev.running_var.data(),
-             dev.num_batches_tracked.data(),
-             bsm.data(),
-             bsi.data(),
-             dx.data(),
-             dw.data(),
-             db.data(),
-             stream.handle()};
-  const CallArgs valid = a;
+  const CallArgs valid = dev.args(bn.get(), stream.handle());
+  CallArgs a = valid;
   tc.mutate(a);
   ASSERT_EQ(call(tc.op, a), SYNCBN_ERROR_INVALID_ARGUMENT)
       << op_name(tc.op) << ": " << syncbn_last_error();
@@ -999,21 +931,14 @@ TEST_P(CudaArgChecks, InvalidArgumentAndNothingChanged) {
   syncbn_status_t async = SYNCBN_ERROR_INTERNAL;
   EXPECT_EQ(syncbn_plan_get_async_error(bn.get(), stream.handle(), &async), SYNCBN_SUCCESS);
   EXPECT_EQ(async, SYNCBN_SUCCESS) << "an error the call returned is not reported again";
-  EXPECT_TRUE(state_unchanged("after a rejected call", dev, st));
-  for (const auto& [what, arr, want] :
-       {std::make_tuple("y", &y, &out_n), std::make_tuple("dx", &dx, &out_n),
-        std::make_tuple("save_mean", &sm, &out_c), std::make_tuple("save_invstd", &si, &out_c),
-        std::make_tuple("dweight", &dw, &out_c), std::make_tuple("dbias", &db, &out_c)})
-    EXPECT_TRUE(same_bytes(std::string(what) + " after a rejected call", arr->download(), *want));
+  EXPECT_TRUE(dev.download().unchanged_since(before)) << "after a rejected call";
   // The plan still works.
   EXPECT_EQ(call(tc.op, valid), SYNCBN_SUCCESS) << syncbn_last_error();
   stream.sync();
 }
 
-INSTANTIATE_TEST_SUITE_P(All, CudaArgChecks, ::testing::ValuesIn(kCudaArgCases),
-                         [](const ::testing::TestParamInfo<CudaArgCase>& info) {
-                           return std::string(info.param.name);
-                         });
+INSTANTIATE_TEST_SUITE_P(All, CudaArgChecks, ::testing::ValuesIn(device_arg_cases()),
+                         arg_case_name);
 
 // ---- the orchestration's own defects (docs/design.md section 5: src/cuda/backend.cpp) ---------
 

@@ -2,7 +2,7 @@
 // (node-local rank) % (device count) current, so that at 2, 3, 4 ranks on a one-GPU machine
 // several processes share the GPU. On every rank the outputs of CUDA plans (fp32, fp64, fp16,
 // bf16; both layouts) equal the single-process fp64 reference over the concatenated global batch
-// (tests/cuda_scenarios.hpp), with uneven N per rank and ranks with N = 0. An empty global batch
+// (tests/scenarios.hpp), with uneven N per rank and ranks with N = 0. An empty global batch
 // (and m == 1 with tracking) fails in the call itself on every rank, as on the CPU, and changes
 // nothing; so does one rank's bad argument.
 //
@@ -25,6 +25,7 @@
 #include "cuda_scenarios.hpp"
 #include "mpi_helpers.hpp"
 #include "reference.hpp"
+#include "scenarios.hpp"
 #include "syncbn/syncbn.h"
 #include "syncbn/syncbn_mpi.h"
 
@@ -86,7 +87,7 @@ TEST_P(CudaMpiCorrectness, MatchesReferenceOverGlobalBatch) {
   const auto& [dtype, layout, sc] = GetParam();
   SKIP_UNLESS_EVERY_RANK_HAS_CUDA();
   std::string why;
-  if (!split_fits(sc.group_size, &why)) GTEST_SKIP() << why;
+  if (!split_fits(world_size(), sc.group_size, &why)) GTEST_SKIP() << why;
   select_device_for_rank();
   CommHandle world = world_comm();
   run_cuda_scenario(dtype, layout, sc, world.get());
@@ -96,7 +97,7 @@ INSTANTIATE_TEST_SUITE_P(All, CudaMpiCorrectness,
                          ::testing::Combine(::testing::ValuesIn(kAllDtypes),
                                             ::testing::Values(SYNCBN_CHANNELS_FIRST,
                                                               SYNCBN_CHANNELS_LAST),
-                                            ::testing::ValuesIn(cuda_scenarios())),
+                                            ::testing::ValuesIn(scenarios())),
                          cuda_scenario_param_name);
 
 // ---- failures: returned by the call on every rank, nothing changed ------------------------------

@@ -4,7 +4,7 @@
 // counts of SYNCBN_TEST_NCCL_RANKS (default 1: one GPU); at more ranks than a node has GPUs the
 // tests skip (NCCL needs a GPU per rank).
 //
-//   - outputs against the fp64 reference over the global batch (tests/cuda_scenarios.hpp);
+//   - outputs against the fp64 reference over the global batch (tests/scenarios.hpp);
 //   - failures the group only finds on the device (an empty global batch, m == 1 with tracking,
 //     another rank's bad argument): the call returns SYNCBN_SUCCESS, syncbn_plan_get_async_error
 //     reports the status (once), running statistics and num_batches_tracked are untouched and
@@ -28,6 +28,7 @@
 #include "cuda_scenarios.hpp"
 #include "mpi_helpers.hpp"
 #include "reference.hpp"
+#include "scenarios.hpp"
 #include "syncbn/syncbn.h"
 #include "syncbn/syncbn_mpi.h"
 #include "syncbn/syncbn_nccl.h"
@@ -182,7 +183,7 @@ TEST_P(CudaNcclCorrectness, MatchesReferenceOverGlobalBatch) {
   const auto& [dtype, layout, sc] = GetParam();
   SKIP_UNLESS_NCCL_USABLE();
   std::string why;
-  if (!split_fits(sc.group_size, &why)) GTEST_SKIP() << why;
+  if (!split_fits(world_size(), sc.group_size, &why)) GTEST_SKIP() << why;
   CommHandle world = nccl_world_comm();
   if (!world) return;
   run_cuda_scenario(dtype, layout, sc, world.get());
@@ -192,7 +193,7 @@ INSTANTIATE_TEST_SUITE_P(All, CudaNcclCorrectness,
                          ::testing::Combine(::testing::ValuesIn(kAllDtypes),
                                             ::testing::Values(SYNCBN_CHANNELS_FIRST,
                                                               SYNCBN_CHANNELS_LAST),
-                                            ::testing::ValuesIn(cuda_scenarios())),
+                                            ::testing::ValuesIn(scenarios())),
                          cuda_scenario_param_name);
 
 // ---- errors found on the device ----------------------------------------------------------------

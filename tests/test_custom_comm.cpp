@@ -1,18 +1,16 @@
 // Custom communicators (syncbn_comm_create_custom) in one process: P threads are the ranks, and
-// their allreduce is a rendezvous in memory (ThreadGroup). Every rank's outputs are checked
-// against the fp64 reference over the global batch (the concatenation of the threads' batches),
-// with uneven and empty per-rank batches; failures of the caller's allreduce and split, bad
-// arguments on one rank, the release callback and the C++ wrapper are covered too. The same
-// API over MPI (callbacks calling MPI_Allreduce and MPI_Comm_split) runs the whole MPI
-// correctness suite in test_mpi_correctness.cpp.
+// their allreduce is a rendezvous in memory (ThreadGroup, tests/thread_comm.hpp). Every rank's
+// outputs are checked against the fp64 reference over the global batch (the concatenation of the
+// threads' batches), with uneven and empty per-rank batches; failures of the caller's allreduce
+// and split, bad arguments on one rank, the release callback and the C++ wrapper are covered
+// too. The same API over MPI (callbacks calling MPI_Allreduce and MPI_Comm_split) runs the whole
+// MPI correctness suite in test_mpi_correctness.cpp; the scenario table over 1 to 16 thread
+// ranks is test_thread_scenarios.cpp.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -21,137 +19,11 @@
 #include "reference.hpp"
 #include "syncbn/syncbn.h"
 #include "syncbn/syncbn.hpp"
+#include "thread_comm.hpp"
 
 namespace {
 
 using namespace syncbn_test;
-
-// P ranks as threads. allreduce: every rank deposits its buffer, and once all have, each sums
-// the deposits in rank order (the same bits on every rank); the next round starts once every
-// rank has copied its result out.
-class ThreadGroup {
- public:
-  explicit ThreadGroup(int size)
-      : size_(size), deposits_(static_cast<size_t>(size)), rank_calls_(static_cast<size_t>(size)) {}
-  int size() const { return size_; }
-
-  // What the group's allreduce does wrong, for the failure tests.
-  enum class Fault {
-    none,
-    everywhere,    // the transport fails: every rank returns kFaultEverywhere
-    one_rank_late  // fault_rank returns kFaultOneRank after taking part in the sum
-  };
-  static constexpr int kFaultEverywhere = 5;
-  static constexpr int kFaultOneRank = 7;
-  // Set before the threads start: the fault applies from each rank's allreduce number
-  // fault_from on (0: plan creation is the first).
-  Fault fault = Fault::none;
-  int fault_from = 0;
-  int fault_rank = 0;
-  int split_fault_rank = -1;  // this rank's split function fails (after the split)
-  // > 0: a rank that waits longer than this for its peers gives up and returns
-  // SYNCBN_ERROR_TIMEOUT, as a transport with a deadline does (the group is unusable after).
-  double wait_limit_seconds = 0;
-
-  int allreduce(int rank, double* buffer, size_t count) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return !draining_; });
-    deposits_[static_cast<size_t>(rank)].assign(buffer, buffer + count);
-    if (++arrived_ == size_) {
-      draining_ = true;
-      cv_.notify_all();
-    } else if (wait_limit_seconds > 0) {
-      if (!cv_.wait_for(lock, std::chrono::duration<double>(wait_limit_seconds),
-                        [&] { return draining_; })) {
-        return SYNCBN_ERROR_TIMEOUT;
-      }
-    } else {
-      cv_.wait(lock, [&] { return draining_; });
-    }
-    bool sizes_agree = true;
-    for (const auto& d : deposits_) sizes_agree = sizes_agree && d.size() == count;
-    for (size_t i = 0; sizes_agree && i < count; ++i) {
-      double s = 0;
-      for (const auto& d : deposits_) s += d[i];
-      buffer[i] = s;
-    }
-    const bool faulty = rank_calls_[static_cast<size_t>(rank)]++ >= fault_from;
-    if (++departed_ == size_) {
-      arrived_ = departed_ = 0;
-      draining_ = false;
-      cv_.notify_all();
-    }
-    if (!sizes_agree) return 19;
-    if (faulty && fault == Fault::everywhere) return kFaultEverywhere;
-    if (faulty && fault == Fault::one_rank_late && rank == fault_rank) return kFaultOneRank;
-    return 0;
-  }
-
-  // The group of consecutive ranks [color * k, (color + 1) * k), the same object for each of them.
-  std::shared_ptr<ThreadGroup> child(int k, int color) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto& g = children_[{k, color}];
-    if (!g) g = std::make_shared<ThreadGroup>(k);
-    return g;
-  }
-
- private:
-  const int size_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::vector<std::vector<double>> deposits_;
-  int arrived_ = 0, departed_ = 0;
-  bool draining_ = false;
-  std::vector<int> rank_calls_;
-  std::map<std::pair<int, int>, std::shared_ptr<ThreadGroup>> children_;
-};
-
-std::atomic<int> g_released{0};
-
-// One rank's user_data: its group and rank. Owned by its communicator (freed by release).
-struct Member {
-  std::shared_ptr<ThreadGroup> group;
-  int rank;
-
-  static int allreduce(double* buffer, size_t count, syncbn_device_t device, void* stream,
-                       void* self) {
-    if (device != SYNCBN_DEVICE_CPU || stream != nullptr) return 11;
-    auto* m = static_cast<Member*>(self);
-    return m->group->allreduce(m->rank, buffer, count);
-  }
-  static int split(int k, void* self, syncbn_comm_t* sub) {
-    auto* m = static_cast<Member*>(self);
-    if (create(m->group->child(k, m->rank / k), m->rank % k, sub) != SYNCBN_SUCCESS) return 12;
-    return m->rank == m->group->split_fault_rank ? 13 : 0;
-  }
-  static void release(void* self) {
-    ++g_released;
-    delete static_cast<Member*>(self);
-  }
-  static syncbn_status_t create(std::shared_ptr<ThreadGroup> group, int rank,
-                                syncbn_comm_t* out, bool with_split = true) {
-    const int size = group->size();
-    auto* m = new Member{std::move(group), rank};
-    const syncbn_status_t s = syncbn_comm_create_custom(
-        rank, size, &allreduce, with_split ? &split : nullptr, &release, m, out);
-    if (s != SYNCBN_SUCCESS) delete m;
-    return s;
-  }
-};
-
-// Runs body(rank) on P threads at once and waits for all of them.
-template <class F>
-void on_threads(int P, F body) {
-  std::vector<std::thread> threads;
-  for (int r = 0; r < P; ++r) threads.emplace_back(body, r);
-  for (auto& t : threads) t.join();
-}
-
-CommHandle member_comm(const std::shared_ptr<ThreadGroup>& group, int rank, bool with_split = true) {
-  syncbn_comm_t c = nullptr;
-  EXPECT_EQ(Member::create(group, rank, &c, with_split), SYNCBN_SUCCESS) << syncbn_last_error();
-  return CommHandle(c);
-}
 
 PlanHandle make_plan(syncbn_comm_t comm, const syncbn_config_t& cfg) {
   syncbn_plan_t p = nullptr;
@@ -488,7 +360,7 @@ TEST(CustomFailures, SplitFailuresAreCommon) {
 TEST(CustomComm, CreateRejectsBadArguments) {
   auto fn = [](double*, size_t, syncbn_device_t, void*, void*) { return 0; };
   syncbn_comm_t c = nullptr;
-  const int before = g_released.load();
+  const int before = released_count().load();
   EXPECT_EQ(syncbn_comm_create_custom(0, 1, nullptr, nullptr, &Member::release, nullptr, &c),
             SYNCBN_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(syncbn_last_error()).find("allreduce is null"), std::string::npos);
@@ -501,21 +373,21 @@ TEST(CustomComm, CreateRejectsBadArguments) {
   EXPECT_EQ(syncbn_comm_create_custom(0, 1, fn, nullptr, nullptr, nullptr, nullptr),
             SYNCBN_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(c, nullptr);
-  EXPECT_EQ(g_released.load(), before);  // release is not called for a communicator never made
+  EXPECT_EQ(released_count().load(), before);  // release is not called for a communicator never made
 }
 
 // release runs once, when the handle and the last plan on it are gone.
 TEST(CustomComm, ReleaseAfterLastReference) {
   auto group = std::make_shared<ThreadGroup>(1);
-  const int before = g_released.load();
+  const int before = released_count().load();
   CommHandle comm = member_comm(group, 0);
   PlanHandle plan = make_plan(comm.get(), small_config());
   comm.reset();
-  EXPECT_EQ(g_released.load(), before);
+  EXPECT_EQ(released_count().load(), before);
   RankCall call(0);
   EXPECT_EQ(call.forward(plan.get()), SYNCBN_SUCCESS) << syncbn_last_error();
   plan.reset();
-  EXPECT_EQ(g_released.load(), before + 1);
+  EXPECT_EQ(released_count().load(), before + 1);
 }
 
 // The C++ wrapper: a lambda as the allreduce; one allreduce per plan creation and per call; an

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "api_calls.hpp"
+#include "bad_args.hpp"
 #include "mpi_helpers.hpp"
 #include "reference.hpp"
 #include "syncbn/syncbn.h"
@@ -50,101 +51,31 @@ syncbn_config_t default_config(bool track = true) {
 // Local batch sizes that differ per rank: 2 + rank samples of length 4.
 CallBuffers rank_buffers() { return CallBuffers(2 + world_rank(), kC, 4, test_seed(), world_rank()); }
 
-// COLLECTIVE: a correct call of op on every rank succeeds, after whatever failed before: nobody
-// is stuck and the call sequences are still aligned. Forward also updates the running
-// statistics identically everywhere (when the plan tracks them).
+// COLLECTIVE: a correct call of op on every rank succeeds, after whatever failed before
+// (bad_args.hpp).
 void expect_plan_still_works(syncbn_plan_t plan, Op op) {
-  CallBuffers buf = rank_buffers();
-  const int64_t nbt = buf.st.num_batches_tracked;
-  const syncbn_status_t s = call(op, buf.args(plan));
-  EXPECT_EQ(s, SYNCBN_SUCCESS) << rank_tag() << ": a correct " << op_name(op)
-                               << " after the failure: " << syncbn_last_error();
-  syncbn_config_t cfg{};
-  syncbn_plan_get_config(plan, &cfg);
-  if (op == Op::kForward && cfg.track_running_stats) {
-    EXPECT_EQ(buf.st.num_batches_tracked, nbt + 1) << rank_tag();
-    EXPECT_TRUE(same_as_rank0("running_mean", buf.st.running_mean, MPI_COMM_WORLD)) << rank_tag();
-    EXPECT_TRUE(same_as_rank0("running_var", buf.st.running_var, MPI_COMM_WORLD)) << rank_tag();
-  }
+  syncbn_test::expect_plan_still_works(plan, op, MpiRanks{});
 }
 
 // ---- one rank's bad argument fails the call on every rank ------------------------------------
 
-struct BadArg {
-  const char* name;
-  Op op;
-  void (*mutate)(CallArgs&);
-  const char* word;  // what the message must name besides the rank ("" for shape errors)
-};
-
-const int64_t kShapeWrongC[] = {2, kC + 1, 4};
-const int64_t kShapeNegL[] = {2, kC, -4};
-const int64_t kShape6d[] = {2, kC, 1, 1, 1, 4};
-void* const kBogusStream = reinterpret_cast<void*>(uintptr_t{0x1000});
-
-const BadArg kBadArgs[] = {
-    {"fwd_weight_null", Op::kForward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
-    {"fwd_bias_null", Op::kForward, [](CallArgs& a) { a.bias = nullptr; }, "bias"},
-    {"fwd_running_mean_null", Op::kForward, [](CallArgs& a) { a.running_mean = nullptr; },
-     "running_mean"},
-    {"fwd_running_var_null", Op::kForward, [](CallArgs& a) { a.running_var = nullptr; },
-     "running_var"},
-    {"fwd_x_null", Op::kForward, [](CallArgs& a) { a.x = nullptr; }, "x"},
-    {"fwd_y_null", Op::kForward, [](CallArgs& a) { a.y = nullptr; }, "y"},
-    {"fwd_shape_null", Op::kForward, [](CallArgs& a) { a.shape = nullptr; }, "shape"},
-    {"fwd_wrong_C", Op::kForward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
-    {"fwd_negative_dim", Op::kForward, [](CallArgs& a) { a.shape = kShapeNegL; }, ""},
-    {"fwd_ndim_1", Op::kForward, [](CallArgs& a) { a.ndim = 1; }, "ndim"},
-    {"fwd_ndim_6", Op::kForward,
-     [](CallArgs& a) {
-       a.ndim = 6;
-       a.shape = kShape6d;
-     },
-     "ndim"},
-    {"fwd_stream", Op::kForward, [](CallArgs& a) { a.stream = kBogusStream; }, "stream"},
-    {"bwd_x_null", Op::kBackward, [](CallArgs& a) { a.x = nullptr; }, "x"},
-    {"bwd_dy_null", Op::kBackward, [](CallArgs& a) { a.dy = nullptr; }, "dy"},
-    {"bwd_dx_null", Op::kBackward, [](CallArgs& a) { a.dx = nullptr; }, "dx"},
-    {"bwd_weight_null", Op::kBackward, [](CallArgs& a) { a.weight = nullptr; }, "weight"},
-    {"bwd_save_mean_null", Op::kBackward, [](CallArgs& a) { a.bsave_mean = nullptr; },
-     "save_mean"},
-    {"bwd_save_invstd_null", Op::kBackward, [](CallArgs& a) { a.bsave_invstd = nullptr; },
-     "save_invstd"},
-    {"bwd_wrong_C", Op::kBackward, [](CallArgs& a) { a.shape = kShapeWrongC; }, ""},
-    {"bwd_stream", Op::kBackward, [](CallArgs& a) { a.stream = kBogusStream; }, "stream"},
-};
-
-void PrintTo(const BadArg& b, std::ostream* os) { *os << b.name; }
-
+// Every case of the one table (bad_args.hpp) whose verdict is collective, on the first and on
+// the last rank.
 enum class Which { kFirst, kLast };
 void PrintTo(Which w, std::ostream* os) { *os << (w == Which::kFirst ? "first" : "last"); }
-using BadArgParam = std::tuple<BadArg, Which>;
+using BadArgParam = std::tuple<ArgCase, Which>;
 
 class BadArgOnOneRank : public ::testing::TestWithParam<BadArgParam> {};
 
 TEST_P(BadArgOnOneRank, FailsEverywhereNamingRankAndArgument) {
   const auto& [tc, which] = GetParam();
-  const int P = world_size(), rank = world_rank();
-  const int bad = which == Which::kFirst ? 0 : P - 1;
+  const int bad = which == Which::kFirst ? 0 : world_size() - 1;
   CommHandle comm = world_comm();
-  PlanHandle plan = make_plan(comm.get(), default_config());
-
-  CallBuffers buf = rank_buffers();
-  const CallBuffers before = buf;
-  CallArgs args = buf.args(plan.get());
-  if (rank == bad) tc.mutate(args);
-  const syncbn_status_t s = call(tc.op, args);
-
-  SCOPED_TRACE(rank_tag() + " of " + std::to_string(P) + ", bad rank " + std::to_string(bad));
-  EXPECT_EQ(s, SYNCBN_ERROR_INVALID_ARGUMENT) << syncbn_last_error();
-  EXPECT_TRUE(message_names({"rank " + std::to_string(bad), tc.word}));
-  EXPECT_TRUE(buf.unchanged_since(before));
-
-  expect_plan_still_works(plan.get(), tc.op);
+  expect_bad_arg_fails_everywhere(tc, bad, comm.get(), MpiRanks{});
 }
 
 INSTANTIATE_TEST_SUITE_P(All, BadArgOnOneRank,
-                         ::testing::Combine(::testing::ValuesIn(kBadArgs),
+                         ::testing::Combine(::testing::ValuesIn(collective_arg_cases()),
                                             ::testing::Values(Which::kFirst, Which::kLast)),
                          [](const ::testing::TestParamInfo<BadArgParam>& info) {
                            return std::string(std::get<0>(info.param).name) +

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "api_calls.hpp"
+#include "bad_args.hpp"
 #include "cpu/checked_layer.hpp"
 #include "reference.hpp"
 #include "syncbn/syncbn.h"
@@ -251,24 +252,14 @@ TEST(PlanCreateNulls, NullHandlesAndPointers) {
 
 // ---- the C API: argument checking of forward, backward and inference -------------------------
 
-// A valid fp32 channels-first call on shape (4, 3, 5), affine and tracking, momentum 0.1 (or
-// cumulative), that each case breaks in one way (CallArgs, CallBuffers: tests/api_calls.hpp).
-struct ArgCase {
-  const char* name;
-  Op op;
-  void (*mutate)(CallArgs&);
-  syncbn_status_t want;
-  const char* names;  // substring the message must contain
-  bool cumulative = false;
-};
-
+// The one table of bad arguments (tests/bad_args.hpp), every case: a valid fp32 channels-first
+// call on shape (4, 3, 5), affine and tracking, momentum 0.1 (or cumulative), broken in one way
+// (CallArgs, CallBuffers: tests/api_calls.hpp), on the self communicator.
 class ArgChecks : public ::testing::TestWithParam<ArgCase> {
  protected:
   void SetUp() override {
     ASSERT_EQ(syncbn_comm_create_self(&comm_), SYNCBN_SUCCESS);
-    syncbn_config_t cfg;
-    syncbn_config_init(&cfg, 3, SYNCBN_FLOAT32);
-    if (GetParam().cumulative) cfg.momentum = kCumulative;
+    const syncbn_config_t cfg = arg_case_config(GetParam());
     ASSERT_EQ(syncbn_plan_create(comm_, &cfg, &plan_), SYNCBN_SUCCESS) << syncbn_last_error();
   }
   void TearDown() override {
@@ -298,137 +289,7 @@ TEST_P(ArgChecks, ExactStatusAndNothingChanged) {
   EXPECT_TRUE(buf.unchanged_since(before));
 }
 
-// Shapes that break one rule each (the valid one is (4, 3, 5)).
-const int64_t kShapeWrongC[] = {4, 4, 5};
-const int64_t kShapeWrongCLastAxis[] = {4, 5, 3};  // channels-first plan: C is axis 1
-const int64_t kShapeNegN[] = {-1, 3, 5};
-const int64_t kShapeNegSpatial[] = {4, 3, -5};
-const int64_t kShapeEmptyN[] = {0, 3, 5};
-const int64_t kShapeEmptySpatial[] = {4, 3, 0};
-const int64_t kShapeOne[] = {1, 3, 1};
-const int64_t kShapeOne2d[] = {1, 3};
-const int64_t kShape6d[] = {4, 3, 1, 1, 1, 5};
-const int64_t kShapeOverflow[] = {int64_t{1} << 40, 3, int64_t{1} << 40};
-
-constexpr auto kInvalid = SYNCBN_ERROR_INVALID_ARGUMENT;
-constexpr auto kTooSmall = SYNCBN_ERROR_BATCH_TOO_SMALL;
-int64_t g_negative_count = -1;  // a corrupted num_batches_tracked
-
-const ArgCase kArgCases[] = {
-    // forward, training
-    {"fwd_valid", Op::kForward, [](CallArgs&) {}, SYNCBN_SUCCESS, ""},
-    {"fwd_null_plan", Op::kForward, [](CallArgs& a) { a.plan = nullptr; }, kInvalid, "plan"},
-    {"fwd_null_x", Op::kForward, [](CallArgs& a) { a.x = nullptr; }, kInvalid, "x"},
-    {"fwd_null_y", Op::kForward, [](CallArgs& a) { a.y = nullptr; }, kInvalid, "y"},
-    {"fwd_null_weight", Op::kForward, [](CallArgs& a) { a.weight = nullptr; }, kInvalid, "weight"},
-    {"fwd_null_bias", Op::kForward, [](CallArgs& a) { a.bias = nullptr; }, kInvalid, "bias"},
-    {"fwd_null_running_mean", Op::kForward, [](CallArgs& a) { a.running_mean = nullptr; },
-     kInvalid, "running_mean"},
-    {"fwd_null_running_var", Op::kForward, [](CallArgs& a) { a.running_var = nullptr; },
-     kInvalid, "running_var"},
-    {"fwd_null_num_batches_tracked_cumulative", Op::kForward,
-     [](CallArgs& a) { a.num_batches_tracked = nullptr; }, kInvalid, "num_batches_tracked", true},
-    {"fwd_null_num_batches_tracked_momentum_ok", Op::kForward,
-     [](CallArgs& a) { a.num_batches_tracked = nullptr; }, SYNCBN_SUCCESS, ""},
-    {"fwd_negative_num_batches_tracked", Op::kForward,
-     [](CallArgs& a) { a.num_batches_tracked = &g_negative_count; }, kInvalid,
-     "num_batches_tracked"},
-    {"fwd_null_save_stats_ok", Op::kForward,
-     [](CallArgs& a) { a.save_mean = a.save_invstd = nullptr; }, SYNCBN_SUCCESS, ""},
-    {"fwd_null_shape", Op::kForward, [](CallArgs& a) { a.shape = nullptr; }, kInvalid, "shape"},
-    {"fwd_wrong_C", Op::kForward, [](CallArgs& a) { a.shape = kShapeWrongC; }, kInvalid, ""},
-    {"fwd_C_on_wrong_axis", Op::kForward, [](CallArgs& a) { a.shape = kShapeWrongCLastAxis; },
-     kInvalid, ""},
-    {"fwd_ndim_1", Op::kForward, [](CallArgs& a) { a.ndim = 1; }, kInvalid, "ndim"},
-    {"fwd_ndim_0", Op::kForward, [](CallArgs& a) { a.ndim = 0; }, kInvalid, "ndim"},
-    {"fwd_ndim_6", Op::kForward,
-     [](CallArgs& a) {
-       a.ndim = 6;
-       a.shape = kShape6d;
-     },
-     kInvalid, "ndim"},
-    {"fwd_negative_N", Op::kForward, [](CallArgs& a) { a.shape = kShapeNegN; }, kInvalid, ""},
-    {"fwd_negative_spatial", Op::kForward, [](CallArgs& a) { a.shape = kShapeNegSpatial; },
-     kInvalid, ""},
-    {"fwd_shape_overflows_int64", Op::kForward, [](CallArgs& a) { a.shape = kShapeOverflow; },
-     kInvalid, "shape"},
-    {"fwd_stream_on_cpu", Op::kForward,
-     [](CallArgs& a) { a.stream = reinterpret_cast<void*>(uintptr_t{0x1000}); }, kInvalid,
-     "stream"},
-    {"fwd_empty_batch", Op::kForward, [](CallArgs& a) { a.shape = kShapeEmptyN; }, kTooSmall, ""},
-    {"fwd_empty_batch_null_data", Op::kForward,
-     [](CallArgs& a) {
-       a.shape = kShapeEmptyN;
-       a.x = nullptr;
-       a.y = nullptr;
-     },
-     kTooSmall, ""},
-    {"fwd_empty_spatial", Op::kForward, [](CallArgs& a) { a.shape = kShapeEmptySpatial; },
-     kTooSmall, ""},
-    {"fwd_count_one_tracking", Op::kForward, [](CallArgs& a) { a.shape = kShapeOne; }, kTooSmall,
-     ""},
-    {"fwd_count_one_tracking_2d", Op::kForward,
-     [](CallArgs& a) {
-       a.ndim = 2;
-       a.shape = kShapeOne2d;
-     },
-     kTooSmall, ""},
-    // backward
-    {"bwd_valid", Op::kBackward, [](CallArgs&) {}, SYNCBN_SUCCESS, ""},
-    {"bwd_null_param_grads_ok", Op::kBackward,
-     [](CallArgs& a) { a.dweight = a.dbias = nullptr; }, SYNCBN_SUCCESS, ""},
-    {"bwd_null_plan", Op::kBackward, [](CallArgs& a) { a.plan = nullptr; }, kInvalid, "plan"},
-    {"bwd_null_x", Op::kBackward, [](CallArgs& a) { a.x = nullptr; }, kInvalid, "x"},
-    {"bwd_null_dy", Op::kBackward, [](CallArgs& a) { a.dy = nullptr; }, kInvalid, "dy"},
-    {"bwd_null_dx", Op::kBackward, [](CallArgs& a) { a.dx = nullptr; }, kInvalid, "dx"},
-    {"bwd_null_weight", Op::kBackward, [](CallArgs& a) { a.weight = nullptr; }, kInvalid,
-     "weight"},
-    {"bwd_null_save_mean", Op::kBackward, [](CallArgs& a) { a.bsave_mean = nullptr; }, kInvalid,
-     "save_mean"},
-    {"bwd_null_save_invstd", Op::kBackward, [](CallArgs& a) { a.bsave_invstd = nullptr; },
-     kInvalid, "save_invstd"},
-    {"bwd_wrong_C", Op::kBackward, [](CallArgs& a) { a.shape = kShapeWrongC; }, kInvalid, ""},
-    {"bwd_ndim_1", Op::kBackward, [](CallArgs& a) { a.ndim = 1; }, kInvalid, "ndim"},
-    {"bwd_negative_spatial", Op::kBackward, [](CallArgs& a) { a.shape = kShapeNegSpatial; },
-     kInvalid, ""},
-    {"bwd_stream_on_cpu", Op::kBackward,
-     [](CallArgs& a) { a.stream = reinterpret_cast<void*>(uintptr_t{0x1000}); }, kInvalid,
-     "stream"},
-    {"bwd_empty_batch", Op::kBackward,
-     [](CallArgs& a) {
-       a.shape = kShapeEmptyN;
-       a.x = a.dy = nullptr;
-       a.dx = nullptr;
-     },
-     kTooSmall, ""},
-    // forward, eval (tracking on: local)
-    {"eval_valid", Op::kInference, [](CallArgs&) {}, SYNCBN_SUCCESS, ""},
-    {"eval_null_plan", Op::kInference, [](CallArgs& a) { a.plan = nullptr; }, kInvalid, "plan"},
-    {"eval_null_x", Op::kInference, [](CallArgs& a) { a.x = nullptr; }, kInvalid, "x"},
-    {"eval_null_y", Op::kInference, [](CallArgs& a) { a.y = nullptr; }, kInvalid, "y"},
-    {"eval_null_weight", Op::kInference, [](CallArgs& a) { a.weight = nullptr; }, kInvalid,
-     "weight"},
-    {"eval_null_bias", Op::kInference, [](CallArgs& a) { a.bias = nullptr; }, kInvalid, "bias"},
-    {"eval_null_running_mean", Op::kInference, [](CallArgs& a) { a.running_mean = nullptr; },
-     kInvalid, "running_mean"},
-    {"eval_null_running_var", Op::kInference, [](CallArgs& a) { a.running_var = nullptr; },
-     kInvalid, "running_var"},
-    {"eval_wrong_C", Op::kInference, [](CallArgs& a) { a.shape = kShapeWrongC; }, kInvalid, ""},
-    {"eval_ndim_6", Op::kInference,
-     [](CallArgs& a) {
-       a.ndim = 6;
-       a.shape = kShape6d;
-     },
-     kInvalid, "ndim"},
-    {"eval_stream_on_cpu", Op::kInference,
-     [](CallArgs& a) { a.stream = reinterpret_cast<void*>(uintptr_t{0x1000}); }, kInvalid,
-     "stream"},
-};
-
-INSTANTIATE_TEST_SUITE_P(All, ArgChecks, ::testing::ValuesIn(kArgCases),
-                         [](const ::testing::TestParamInfo<ArgCase>& info) {
-                           return std::string(info.param.name);
-                         });
+INSTANTIATE_TEST_SUITE_P(All, ArgChecks, ::testing::ValuesIn(arg_cases()), arg_case_name);
 
 // Without running statistics, a count of one is fine in training; count 0 is not.
 TEST(BatchTooSmall, WithoutTracking) {
@@ -441,16 +302,16 @@ TEST(BatchTooSmall, WithoutTracking) {
   ASSERT_EQ(syncbn_plan_create(comm, &cfg, &plan), SYNCBN_SUCCESS);
   const float x[3] = {1, 2, 3}, w[3] = {1, 1, 1}, b[3] = {0, 0, 0};
   float y[3], sm[3], si[3];
-  EXPECT_EQ(syncbn_forward_training(plan, 2, kShapeOne2d, x, w, b, y, sm, si, nullptr, nullptr,
+  EXPECT_EQ(syncbn_forward_training(plan, 2, bad_args::kShapeOne2d, x, w, b, y, sm, si, nullptr, nullptr,
                                     nullptr, nullptr),
             SYNCBN_SUCCESS)
       << syncbn_last_error();
-  EXPECT_EQ(syncbn_forward_training(plan, 3, kShapeEmptyN, nullptr, w, b, nullptr, sm, si,
+  EXPECT_EQ(syncbn_forward_training(plan, 3, bad_args::kShapeEmptyN, nullptr, w, b, nullptr, sm, si,
                                     nullptr, nullptr, nullptr, nullptr),
             SYNCBN_ERROR_BATCH_TOO_SMALL);
   // Eval without tracking normalizes with this rank's own batch statistics: an empty local batch
   // has nothing to normalize, and that is a success (as torch's eval-mode BatchNorm on N = 0).
-  EXPECT_EQ(syncbn_forward_inference(plan, 3, kShapeEmptyN, nullptr, w, b, nullptr, nullptr,
+  EXPECT_EQ(syncbn_forward_inference(plan, 3, bad_args::kShapeEmptyN, nullptr, w, b, nullptr, nullptr,
                                      nullptr, nullptr),
             SYNCBN_SUCCESS)
       << syncbn_last_error();
