@@ -198,52 +198,9 @@ Plan::Plan(std::shared_ptr<comm::Communicator> comm, const syncbn_config_t& conf
     : comm_(std::move(comm)), config_(config), tag_(tag), serial_(serial),
       backend_(std::move(backend)) {}
 
-ArgError Plan::check_shape(const TensorShape& shape, Geometry* g) const {
-  *g = Geometry{0, config_.num_features, 1};
-  ArgError err;
-  require(err, shape.ndim >= 2 && shape.ndim <= 5, Arg::ndim, Problem::ndim_range);
-  require(err, shape.dims != nullptr, Arg::shape);
-  if (err) {
-    if (err.arg == Arg::ndim) err.detail = "ndim = " + std::to_string(shape.ndim);
-    return err;
-  }
-  const int channel_dim = config_.layout == SYNCBN_CHANNELS_LAST ? shape.ndim - 1 : 1;
-  std::int64_t spatial = 1;
-  for (int d = 0; d < shape.ndim; ++d) {
-    const std::int64_t n = shape.dims[d];
-    if (n < 0) {
-      return {Arg::shape, Problem::negative,
-              "shape[" + std::to_string(d) + "] = " + std::to_string(n)};
-    }
-    if (d == channel_dim) {
-      if (n != config_.num_features) {
-        return {Arg::shape, Problem::channels,
-                "shape[" + std::to_string(d) + "] = " + std::to_string(n) +
-                    ", num_features = " + std::to_string(config_.num_features)};
-      }
-    } else if (d != 0) {
-      if (n != 0 && spatial > std::numeric_limits<std::int64_t>::max() / n) {
-        return {Arg::shape, Problem::overflow, {}};
-      }
-      spatial *= n;
-    }
-  }
-  const std::int64_t N = shape.dims[0];
-  const std::int64_t C = config_.num_features;
-  if (spatial != 0 && N > std::numeric_limits<std::int64_t>::max() / C / spatial) {
-    return {Arg::shape, Problem::overflow, {}};
-  }
-  if (config_.layout == SYNCBN_CHANNELS_LAST || shape.ndim == 2) {
-    *g = Geometry{N * spatial, C, 1};
-  } else {
-    *g = Geometry{N, C, spatial};
-  }
-  return err;
-}
-
 void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
   ArgError& err = call.err;
-  err = a.rejected ? *a.rejected : check_shape(a.shape, &call.g);
+  err = a.rejected ? *a.rejected : map_shape(a.shape, config_.num_features, config_.layout, &call.g);
   call.count = err ? 0 : call.g.count_per_channel();
   require(err, call.count == 0 || a.x != nullptr, Arg::x);
   require(err, call.count == 0 || a.y != nullptr, Arg::y);
@@ -260,7 +217,7 @@ void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
 
 void Plan::check_backward(const BackwardArgs& a, Call& call) const {
   ArgError& err = call.err;
-  err = a.rejected ? *a.rejected : check_shape(a.shape, &call.g);
+  err = a.rejected ? *a.rejected : map_shape(a.shape, config_.num_features, config_.layout, &call.g);
   call.count = err ? 0 : call.g.count_per_channel();
   require(err, call.count == 0 || a.x != nullptr, Arg::x);
   require(err, call.count == 0 || a.dy != nullptr, Arg::dy);

@@ -18,16 +18,13 @@
 #include "core/error.hpp"
 #include "core/geometry.hpp"
 #include "core/guard.hpp"
+#include "core/shape.hpp"
 #include "syncbn/syncbn.h"
 
 namespace syncbn::core {
 
 // A call's tensor arguments, as the C API received them. Pointers to data are of the plan's
 // dtype, pointers to parameters and statistics of its parameter type.
-struct TensorShape {
-  int ndim = 0;
-  const std::int64_t* dims = nullptr;
-};
 
 struct ForwardArgs {
   TensorShape shape;
@@ -109,7 +106,6 @@ class Plan {
   void forward_running_stats(const ForwardArgs& args);
 
   // Checks shape against the plan; fills geometry and the per-channel count.
-  ArgError check_shape(const TensorShape& shape, Geometry* geometry) const;
   // What every forward checks: the shape, x and y (unless the tensor is empty), weight and bias
   // (when affine), and with track the running statistics and num_batches_tracked (when momentum
   // is cumulative); then the backend's checks (stream, device). Fills call's geometry and count

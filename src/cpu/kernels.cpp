@@ -14,13 +14,11 @@
 #ifndef SYNCBN_CPU_ISA
 #define SYNCBN_CPU_ISA generic
 #endif
+#include "cpu/work_split.hpp"  // share, for_share, kChunk: in this instruction set's namespace
 
 namespace syncbn::cpu::SYNCBN_CPU_ISA {
 namespace {
 
-// Elements per work item along a channels-first row: long rows are cut so that few channels
-// with a large spatial size still spread over every thread.
-constexpr std::int64_t kChunk = 16384;
 // Independent fp64 accumulators per channels-first reduction: enough vectors in flight to hide
 // the add latency (measured best among 8, 16, 32 with SSE2, AVX2 and AVX-512 code).
 constexpr int kLanes = 32;
@@ -123,40 +121,6 @@ GroupSums<A> place_group_sums(A* room, const double* pu, std::int64_t C,
   return {gu, gu + C};
 }
 
-// The static share [lo, hi) of n items for thread t of nt.
-void share(std::int64_t n, int t, int nt, std::int64_t& lo, std::int64_t& hi) {
-  lo = n / nt * t + std::min<std::int64_t>(t, n % nt);
-  hi = lo + n / nt + (t < n % nt ? 1 : 0);
-}
-
-// Thread t's share of a layout's work, as calls body(begin, end, c) over contiguous element
-// ranges [begin, end):
-//   channels-first (inner > 1): pieces of at most kChunk elements of one (n, c) row, channel c;
-//   channels-last  (inner == 1): one call for the thread's whole rows of C channels, c = -1.
-// Counters advance incrementally: no division per row.
-template <class Body>
-void for_share(const Geometry& g, int t, int nt, Body&& body) {
-  const std::int64_t C = g.channels;
-  std::int64_t lo, hi;
-  if (g.inner == 1) {
-    share(g.outer, t, nt, lo, hi);
-    if (lo < hi) body(lo * C, hi * C, std::int64_t{-1});
-    return;
-  }
-  const std::int64_t pieces = (g.inner + kChunk - 1) / kChunk;
-  share(g.outer * C * pieces, t, nt, lo, hi);
-  if (lo >= hi) return;
-  std::int64_t row = lo / pieces, piece = lo % pieces, c = row % C;
-  for (std::int64_t item = lo; item < hi; ++item) {
-    const std::int64_t begin = row * g.inner + piece * kChunk;
-    body(begin, std::min(begin + kChunk, (row + 1) * g.inner), c);
-    if (++piece == pieces) {
-      piece = 0;
-      ++row;
-      if (++c == C) c = 0;
-    }
-  }
-}
 
 // The two contributions of one element to a reduction, in type A. Returned by value: an address
 // taken inside an "omp simd" loop makes GCC keep the variable in memory, one slot per lane.
