@@ -962,9 +962,9 @@ ForwardOutputs run_forward(syncbn_plan_t plan, const Geometry& g, const DeviceAr
   return {y.download(), sm.download(), si.download()};
 }
 
-// Two calls of one plan on two unordered streams (which the contract forbids) leave the merge
-// counters of its cross-block reductions (atomicInc, no reset store) back at zero: the next,
-// ordered call equals, bit for bit, the same call on a fresh plan. Few channels and many values
+// Two calls of one plan on two streams the caller did not order (the plan orders them, and the
+// merge counters of its cross-block reductions are zeroed before each reduction): the next call
+// equals, bit for bit, the same call on a fresh plan. Few channels and many values
 // per channel, so that each channel's sums are split over many blocks and merged by the last.
 TEST(CudaMergeCounter, OverlappingCallsDoNotPoisonLaterOnes) {
   SYNCBN_SKIP_WITHOUT_CUDA();
@@ -1073,6 +1073,171 @@ TEST(CudaStreamDevice, StreamOfAnotherDeviceIsRejected) {
   EXPECT_TRUE(state_unchanged("after a stream of another device", dev, st));
   Stream mine;  // on device 0
   run_forward(bn.get(), g, x, dev, mine);
+}
+
+
+// ---- CUDA graphs: the cross-block merge replayed, a failure and a recovery inside a replay --
+
+// Channels of 64 x 64 x 32 values: every channel's reduction is split over many blocks, whose
+// last block merges the partials (merge counters, partial sums) at every replay. The replays
+// equal the eager steps bit for bit.
+TEST(CudaGraphMultiSplit, ReplayEqualsEagerStepsBitwise) {
+  SYNCBN_SKIP_WITHOUT_CUDA();
+  for (const DtypeLayout& dl : {DtypeLayout{SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST},
+                               DtypeLayout{SYNCBN_BFLOAT16, SYNCBN_CHANNELS_LAST}}) {
+    SCOPED_TRACE(std::string(dtype_name(std::get<0>(dl))) + " " + layout_name(std::get<1>(dl)));
+    GraphCheck o;
+    o.layout = std::get<1>(dl);
+    o.seed = test_seed();
+    o.steps = 4;
+    o.channels = 3;
+    o.batch = [](int) { return int64_t{32}; };
+    o.spatial = {64, 64};
+    o.bitwise = true;
+    const syncbn::Communicator self = syncbn::Communicator::self();
+    dispatch_cuda_dtype(std::get<0>(dl),
+                        [&](auto tag) { check_graph_replay<decltype(tag)>(self.get(), o); });
+  }
+}
+
+// forward_training + backward captured once; the second replay finds num_batches_tracked
+// negative on the device: syncbn_plan_get_async_error reports SYNCBN_ERROR_INVALID_ARGUMENT
+// naming it, once; the running statistics are those of the first replay and the outputs NaN.
+// With the counter repaired, the third replay succeeds and its running statistics equal, bit
+// for bit, those of two eager steps on the same data (the failed replay changed nothing).
+TEST(CudaGraphFailure, ReplayFailsOnTheDeviceThenRecovers) {
+  SYNCBN_SKIP_WITHOUT_CUDA();
+  const int64_t C = 3;
+  Rng rng(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, 8, C, {16, 16});
+  const LayerState<float> st = LayerState<float>::random(C, rng);
+  DeviceArray<float> x(random_batch<float>(g, rng)), dy(random_batch<float>(g, rng));
+  const syncbn_config_t cfg = cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST);
+  syncbn::BatchNorm captured(syncbn::Communicator::self(), cfg),
+      eager(syncbn::Communicator::self(), cfg);
+  const auto shape = g.shape();
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  struct Step {
+    DeviceLayerState<float> dev;
+    DeviceArray<float> y, dx, sm, si, dw, db;
+    Step(const LayerState<float>& st, size_t n, size_t c)
+        : dev(st), y(n), dx(n), sm(c), si(c), dw(c), db(c) {}
+  };
+  Stream stream;
+  auto enqueue = [&](syncbn_plan_t plan, Step& t) {
+    EXPECT_EQ(syncbn_forward_training(plan, g.ndim(), shape.data(), x.data(), t.dev.weight.data(),
+                                      t.dev.bias.data(), t.y.data(), t.sm.data(), t.si.data(),
+                                      t.dev.running_mean.data(), t.dev.running_var.data(),
+                                      t.dev.num_batches_tracked.data(), stream.handle()),
+              SYNCBN_SUCCESS)
+        << syncbn_last_error();
+    EXPECT_EQ(syncbn_backward(plan, g.ndim(), shape.data(), x.data(), dy.data(),
+                              t.dev.weight.data(), t.sm.data(), t.si.data(), t.dx.data(),
+                              t.dw.data(), t.db.data(), stream.handle()),
+              SYNCBN_SUCCESS)
+        << syncbn_last_error();
+  };
+  auto async = [&](syncbn_plan_t plan) {
+    syncbn_status_t a = SYNCBN_ERROR_INTERNAL;
+    EXPECT_EQ(syncbn_plan_get_async_error(plan, stream.handle(), &a), SYNCBN_SUCCESS)
+        << syncbn_last_error();
+    stream.sync();
+    return a;
+  };
+
+  Step want(st, n, c);  // two eager steps
+  enqueue(eager.get(), want);
+  enqueue(eager.get(), want);
+  EXPECT_EQ(async(eager.get()), SYNCBN_SUCCESS);
+
+  Step t(st, n, c);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  SYNCBN_CUDA_ASSERT(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
+  enqueue(captured.get(), t);
+  SYNCBN_CUDA_ASSERT(cudaStreamEndCapture(stream.get(), &graph));
+  SYNCBN_CUDA_ASSERT(cudaGraphInstantiate(&exec, graph, 0));
+
+  SYNCBN_CUDA_EXPECT(cudaGraphLaunch(exec, stream.get()));
+  EXPECT_EQ(async(captured.get()), SYNCBN_SUCCESS) << syncbn_last_error();
+  LayerState<float> after_first = t.dev.download();
+  EXPECT_EQ(after_first.num_batches_tracked, 1);
+
+  t.dev.num_batches_tracked.upload({-5});
+  after_first.num_batches_tracked = -5;
+  SYNCBN_CUDA_EXPECT(cudaGraphLaunch(exec, stream.get()));
+  EXPECT_EQ(async(captured.get()), SYNCBN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(syncbn_last_error()).find("num_batches_tracked"), std::string::npos)
+      << syncbn_last_error();
+  EXPECT_EQ(async(captured.get()), SYNCBN_SUCCESS) << "reported once";
+  EXPECT_TRUE(state_unchanged("after the failed replay", t.dev, after_first));
+  EXPECT_TRUE(all_nan("y of the failed replay", to_double(t.y.download())));
+  EXPECT_TRUE(all_nan("save_mean of the failed replay", to_double(t.sm.download())));
+
+  t.dev.num_batches_tracked.upload({1});
+  SYNCBN_CUDA_EXPECT(cudaGraphLaunch(exec, stream.get()));
+  EXPECT_EQ(async(captured.get()), SYNCBN_SUCCESS) << syncbn_last_error();
+  const LayerState<float> got = t.dev.download(), expected = want.dev.download();
+  EXPECT_EQ(got.num_batches_tracked, 2);
+  EXPECT_TRUE(same_bytes("running_mean after recovery", got.running_mean, expected.running_mean));
+  EXPECT_TRUE(same_bytes("running_var after recovery", got.running_var, expected.running_var));
+  EXPECT_TRUE(same_bytes("y after recovery", t.y.download(), want.y.download()));
+  EXPECT_TRUE(same_bytes("dx after recovery", t.dx.download(), want.dx.download()));
+  if (exec) (void)cudaGraphExecDestroy(exec);
+  if (graph) (void)cudaGraphDestroy(graph);
+}
+
+// ---- a plan's calls run in call order, whatever their streams -------------------------------
+
+// forward_training on stream a, held by a host function, then forward_inference on stream b with
+// no ordering by the caller: the inference waits for the training call (it is not done while a
+// is held) and normalizes with the running statistics that call updated: its output equals, bit
+// for bit, the same two calls on one stream.
+TEST(CudaCallOrder, CallOnAnotherStreamWaitsForThePreviousCall) {
+  SYNCBN_SKIP_WITHOUT_CUDA();
+  const int64_t C = 4;
+  Rng rng(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_LAST, 6, C, {7, 7});
+  const LayerState<float> st = LayerState<float>::random(C, rng);
+  DeviceArray<float> x1(random_batch<float>(g, rng)), x2(random_batch<float>(g, rng));
+  const syncbn_config_t cfg = cuda_config(C, SYNCBN_FLOAT32, SYNCBN_CHANNELS_LAST);
+  syncbn::BatchNorm two_streams(syncbn::Communicator::self(), cfg),
+      one_stream(syncbn::Communicator::self(), cfg);
+  const auto shape = g.shape();
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  Stream a, b;
+  auto calls = [&](syncbn_plan_t plan, DeviceLayerState<float>& dev, DeviceArray<float>& y2,
+                   const Stream& first, const Stream& second) {
+    DeviceArray<float> y1(n), sm(c), si(c);
+    EXPECT_EQ(syncbn_forward_training(plan, g.ndim(), shape.data(), x1.data(), dev.weight.data(),
+                                      dev.bias.data(), y1.data(), sm.data(), si.data(),
+                                      dev.running_mean.data(), dev.running_var.data(),
+                                      dev.num_batches_tracked.data(), first.handle()),
+              SYNCBN_SUCCESS)
+        << syncbn_last_error();
+    EXPECT_EQ(syncbn_forward_inference(plan, g.ndim(), shape.data(), x2.data(), dev.weight.data(),
+                                       dev.bias.data(), dev.running_mean.data(),
+                                       dev.running_var.data(), y2.data(), second.handle()),
+              SYNCBN_SUCCESS)
+        << syncbn_last_error();
+  };
+  DeviceLayerState<float> dev_want(st), dev_got(st);
+  DeviceArray<float> want(n), got(n);
+  calls(one_stream.get(), dev_want, want, a, a);
+  a.sync();
+
+  StreamGate gate;
+  SYNCBN_CUDA_EXPECT(cudaLaunchHostFunc(a.get(), &StreamGate::wait, &gate));
+  calls(two_streams.get(), dev_got, got, a, b);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(cudaStreamQuery(b.get()), cudaErrorNotReady)
+      << "the call on stream b ran while the plan's previous call on stream a was held";
+  gate.open = true;
+  a.sync();
+  b.sync();
+  EXPECT_FALSE(gate.gave_up.load());
+  EXPECT_TRUE(same_bytes("inference after training on another stream", got.download(),
+                         want.download()));
 }
 
 }  // namespace

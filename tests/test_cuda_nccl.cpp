@@ -353,6 +353,98 @@ INSTANTIATE_TEST_SUITE_P(
              dtype_name(std::get<0>(dl)) + "_" + layout_name(std::get<1>(dl));
     });
 
+// An empty batch on the last rank inside a captured step (N = 0 there, 3 or 4 elsewhere): every
+// replay equals the eager step, bit for bit. Needs two ranks (one GPU each).
+TEST(CudaNcclGraph, EmptyBatchOnOneRankReplaysBitwise) {
+  SKIP_UNLESS_NCCL_USABLE();
+  if (world_size() < 2) GTEST_SKIP() << "needs two ranks";
+  CommHandle world = nccl_world_comm();
+  if (!world) return;
+  GraphCheck o;
+  o.mode = cudaStreamCaptureModeThreadLocal;
+  o.seed = test_seed();
+  o.rank = world_rank();
+  o.steps = 4;
+  o.compare_with_cpu = false;
+  o.all_agree = [](bool ok) { return on_every_rank(ok); };
+  const int last = world_size() - 1;
+  o.batch = [last](int rank) { return rank == last ? int64_t{0} : int64_t{3} + rank % 2; };
+  o.bitwise = true;
+  check_graph_replay<float>(world.get(), o);
+}
+
+// ---- the call sequence counted on the device ---------------------------------------------------
+
+// Two plans P and Q of the same shape (so that their allreduces have the same length). Rank 0
+// calls P twice; the others call Q, then P. The first allreduce pairs P's call #0 with Q's
+// (another plan), the second P's call #1 with P's call #0 (another call of the sequence, which
+// only the counter on the device can tell): every failed call is reported by
+// syncbn_plan_get_async_error as SYNCBN_ERROR_CALL_MISMATCH, and nothing is updated.
+TEST(CudaNcclCallMismatch, TheDeviceCounterCatchesASkippedCall) {
+  SKIP_UNLESS_NCCL_USABLE();
+  if (world_size() < 2) GTEST_SKIP() << "needs two ranks";
+  CommHandle world = nccl_world_comm();
+  if (!world) return;
+  PlanHandle p = make_cuda_plan(world.get(), SYNCBN_FLOAT32);
+  PlanHandle q = make_cuda_plan(world.get(), SYNCBN_FLOAT32);
+  if (!on_every_rank(p && q)) return;
+  Stream stream;
+  SCOPED_TRACE(rank_tag());
+  RankCall<float> first(3, {4}), second(3, {4});
+  const bool zero = world_rank() == 0;
+  EXPECT_EQ(first.forward(zero ? p.get() : q.get(), stream.handle()), SYNCBN_SUCCESS)
+      << syncbn_last_error();
+  EXPECT_EQ(second.forward(p.get(), stream.handle()), SYNCBN_SUCCESS) << syncbn_last_error();
+  EXPECT_EQ(async_error(p.get(), stream.handle()), SYNCBN_ERROR_CALL_MISMATCH);
+  EXPECT_TRUE(message_names({"call mismatch"}));
+  EXPECT_EQ(async_error(q.get(), stream.handle()),
+            zero ? SYNCBN_SUCCESS : SYNCBN_ERROR_CALL_MISMATCH);
+  EXPECT_TRUE(state_unchanged("after a mismatched first call", first.dev, first.st));
+  EXPECT_TRUE(state_unchanged("after a mismatched second call", second.dev, second.st));
+  EXPECT_TRUE(all_nan("save_mean of the mismatched call", to_double(second.sm.download())));
+}
+
+// ---- CPU plans on an NCCL communicator ------------------------------------------------------------
+
+// A CPU plan whose packed buffer (2C + 18 doubles) is larger than the NCCL communicator's
+// staging at creation (C = 300): creation makes room for it, and the statistics are the group's
+// (every rank the same data here, so the group's mean is the local one).
+TEST(CudaNcclCpuPlan, WideLayerOnHostData) {
+  SKIP_UNLESS_NCCL_USABLE();
+  CommHandle world = nccl_world_comm();
+  if (!world) return;
+  const int64_t C = 300;
+  syncbn_config_t cfg;
+  syncbn_config_init(&cfg, C, SYNCBN_FLOAT64);
+  syncbn_plan_t raw = nullptr;
+  EXPECT_EQ(syncbn_plan_create(world.get(), &cfg, &raw), SYNCBN_SUCCESS) << syncbn_last_error();
+  PlanHandle plan(raw);
+  if (!on_every_rank(plan != nullptr)) return;
+  Rng common(test_seed());
+  const Geometry g = make_geometry(SYNCBN_CHANNELS_FIRST, 2, C, {3});
+  const std::vector<double> x = random_batch<double>(g, common);
+  LayerState<double> st = LayerState<double>::random(C, common);
+  const size_t n = static_cast<size_t>(g.numel()), c = static_cast<size_t>(C);
+  std::vector<double> y(n), sm(c), si(c);
+  const auto shape = g.shape();
+  EXPECT_EQ(syncbn_forward_training(plan.get(), g.ndim(), shape.data(), x.data(),
+                                    st.weight.data(), st.bias.data(), y.data(), sm.data(),
+                                    si.data(), st.running_mean.data(), st.running_var.data(),
+                                    &st.num_batches_tracked, nullptr),
+            SYNCBN_SUCCESS)
+      << rank_tag() << ": " << syncbn_last_error();
+  double worst = 0;
+  for (int64_t ch = 0; ch < C; ++ch) {  // channels-first (2, C, 3): 6 values a channel
+    double mean = 0;
+    for (int64_t i = 0; i < 2; ++i)
+      for (int64_t k = 0; k < 3; ++k) mean += x[static_cast<size_t>((i * C + ch) * 3 + k)];
+    mean /= 6;
+    worst = std::max(worst, std::abs(sm[static_cast<size_t>(ch)] - mean) /
+                                std::max(1.0, std::abs(mean)));
+  }
+  EXPECT_LT(worst, 1e-12) << rank_tag();
+}
+
 // ---- calls never wait for their stream ----------------------------------------------------------
 
 // With each rank's stream held by a host function, forward_training and backward over NCCL
