@@ -2,15 +2,22 @@
 // MPI ranks it runs on, and where the two cross over as the rank count P grows.
 //
 //   mpirun -n P exchange_bench [--channels 64,128,...] [-n 200] [-w 20] [--max-p 4096] [--csv F]
+//       [--json F]
 //
 // Per channel count C (default: ResNet-50's batch-norm widths), one call's payload is the packed
 // buffer libsyncbn allreduces, n = 2C + 18 doubles (sums, sums of squares, count, guard slots):
 //   allreduce  MPI_Allreduce(SUM, in place) of n doubles: syncbn's exchange, O(C) per rank;
 //   allgather  MPI_Allgather of n doubles from every rank (P x n received) and the rank-order
 //              sum of the P vectors on every rank: the exchange of PyTorch's SyncBatchNorm and
-//              Apex (mean, invstd and count per rank), O(P C) per rank.
+//              Apex (mean, invstd and count per rank), O(P C) per rank. The same code as
+//              syncbn_bench's allgather mode (bench/allgather_comm.hpp, AllgatherExchange);
+//              "combine" is its sum alone.
 // Both run in the same loop, in alternating order, each call after a barrier; a call's time is
-// its slowest rank's; the table gives the median over iterations (microseconds).
+// its slowest rank's (steady clock); the table gives the median over iterations (microseconds).
+// Options, timing, the tables and the CSV / JSON writers are the shared driver's
+// (bench/driver/bench_driver.hpp, bench_mpi.hpp). CSV and JSON: one record per C, the measured
+// times of both tables and the model's fit and crossovers (columns as in the CSV header; the
+// model's columns are empty, null in the JSON, where it was not fitted).
 //
 // Model (printed below the table; the crossover has to be modelled where P cannot grow, e.g. on
 // a 2-core machine). The allgather times at this P, less the combine, are fitted by least
@@ -43,9 +50,6 @@
 // column ("exchange/ar").
 #include <mpi.h>
 
-#include "syncbn/syncbn.h"
-#include "syncbn/syncbn_mpi.h"
-
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cmath>
@@ -53,21 +57,70 @@
 #include <string>
 #include <vector>
 
+#include "allgather_comm.hpp"
+#include "driver/bench_driver.hpp"
+#include "driver/bench_mpi.hpp"
+#include "syncbn/syncbn.h"
+#include "syncbn/syncbn_mpi.h"
+
 namespace {
 
 constexpr int kGuardDoubles = 18;  // the packed buffer's count and guard slots (2C + 18)
 
-double median(std::vector<double> v) {
-  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-  return v[v.size() / 2];
-}
+using bench::median;
 
 struct Row {
-  int channels = 0;
+  int ranks = 1, channels = 0;
   double bytes = 0, allreduce_us = 0, allgather_us = 0, combine_us = 0;
   double call_blocking_us = 0, call_deadline_us = 0;  // syncbn_forward_training, see above
   double deadline_extra_us = 0;  // median over iterations of (deadline - no deadline)
+  // The model (NaN where not fitted); crossover P 0: not within --max-p.
+  double alpha_us = bench::kNaN, beta_us_per_byte = bench::kNaN, gamma_us_per_byte = bench::kNaN;
+  int p_11 = -1, p_2 = -1;  // -1: not modelled
+  double exchange_ratio() const { return (allreduce_us + deadline_extra_us) / allreduce_us; }
 };
+
+// The CSV / JSON columns.
+const bench::Fields<Row>& fields() {
+  using bench::integer;
+  using bench::num;
+  static const bench::Fields<Row> f = {
+      {"ranks", [](const Row& r) { return integer(r.ranks); }},
+      {"channels", [](const Row& r) { return integer(r.channels); }},
+      {"bytes_per_rank", [](const Row& r) { return integer(static_cast<int64_t>(r.bytes)); }},
+      {"allreduce_us", [](const Row& r) { return num(r.allreduce_us); }},
+      {"allgather_us", [](const Row& r) { return num(r.allgather_us); }},
+      {"combine_us", [](const Row& r) { return num(r.combine_us); }},
+      {"model_alpha_us", [](const Row& r) { return num(r.alpha_us); }},
+      {"model_beta_us_per_byte", [](const Row& r) { return num(r.beta_us_per_byte); }},
+      {"model_gamma_us_per_byte", [](const Row& r) { return num(r.gamma_us_per_byte); }},
+      {"model_crossover_p_1.1x",
+       [](const Row& r) { return r.p_11 < 0 ? num(bench::kNaN) : integer(r.p_11); }},
+      {"model_crossover_p_2x",
+       [](const Row& r) { return r.p_2 < 0 ? num(bench::kNaN) : integer(r.p_2); }},
+      {"call_no_deadline_us", [](const Row& r) { return num(r.call_blocking_us); }},
+      {"call_deadline_us", [](const Row& r) { return num(r.call_deadline_us); }},
+      {"deadline_exchange_ratio", [](const Row& r) { return num(r.exchange_ratio()); }},
+  };
+  return f;
+}
+
+const bench::Table& exchange_table() {
+  using C = bench::Column;
+  static const bench::Table t({C{"C", "", 6, 0}, C{"bytes/rank", "", 10, 0},
+                               C{"allreduce(us)", "", 14, 2}, C{"allgather(us)", "", 14, 2},
+                               C{"combine(us)", "", 12, 2}, C{"allgather/ar", "", 14, 2}});
+  return t;
+}
+
+const bench::Table& deadline_table() {
+  using C = bench::Column;
+  static const bench::Table t({C{"C", "", 6, 0}, C{"allreduce(us)", "", 14, 2},
+                               C{"no deadline(us)", "", 16, 2}, C{"deadline(us)", "", 16, 2},
+                               C{"deadline/ar", "", 14, 2}, C{"deadline/none", "", 14, 2},
+                               C{"exchange/ar", "", 12, 2}});
+  return t;
+}
 
 void check(syncbn_status_t s, const char* what) {
   if (s != SYNCBN_SUCCESS) {
@@ -152,16 +205,18 @@ int main(int argc, char** argv) {
 
   CLI::App app{"syncbn's O(C) allreduce against the O(P C) allgather exchange of PyTorch / Apex"};
   std::vector<int> channels{64, 128, 256, 512, 1024, 2048};
-  int iters = 200, warmup = 20, max_p = 4096;
-  std::string csv;
+  bench::CommonOptions o;
+  o.iters = 200;
+  o.warmup = 20;
+  int max_p = 4096;
   app.add_option("--channels", channels, "channel counts C (payload 2C + 18 doubles)")
       ->delimiter(',')
-      ->check(CLI::Range(1, 1 << 26));
-  app.add_option("-n,--iters", iters, "timed iterations (median reported)")
-      ->check(CLI::PositiveNumber);
-  app.add_option("-w,--warmup", warmup, "warm-up iterations")->check(CLI::NonNegativeNumber);
-  app.add_option("--max-p", max_p, "largest P of the model")->check(CLI::Range(2, 1 << 20));
-  app.add_option("--csv", csv, "write the measured rows and the model's crossovers as CSV");
+      ->check(CLI::Range(1, 1 << 26))
+      ->capture_default_str();
+  bench::add_common_options(app, o);
+  app.add_option("--max-p", max_p, "largest P of the model")
+      ->check(CLI::Range(2, 1 << 20))
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -169,56 +224,58 @@ int main(int argc, char** argv) {
     MPI_Finalize();
     return code;
   }
+  const int iters = o.iters, warmup = o.warmup;
 
+  bench::AllgatherExchange allgather(MPI_COMM_WORLD);
   std::vector<Row> rows;
   for (const int c : channels) {
     const int n = 2 * c + kGuardDoubles;
-    std::vector<double> buf(n), gathered(static_cast<std::size_t>(n) * size), sum(n);
+    std::vector<double> buf(n), sum(n);
     for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;
     std::vector<double> t_ar, t_ag, t_comb, t_blocking, t_deadline, t_extra;
     SyncbnCall blocking(c, rank, 0.0), deadline(c, rank, 600.0);
     for (int it = 0; it < warmup + iters; ++it) {
-      double local[5];
+      std::vector<double> local(5);
       for (int k = 0; k < 4; ++k) {
         const int which = (k + it) % 4;  // rotate which one goes first
         MPI_Barrier(MPI_COMM_WORLD);
-        const double a = MPI_Wtime();
+        const double a = bench::now_seconds();
         if (which == 0) {
           MPI_Allreduce(MPI_IN_PLACE, buf.data(), n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-          local[0] = MPI_Wtime() - a;
+          local[0] = bench::now_seconds() - a;
         } else if (which == 2) {
           blocking.run();
-          local[3] = MPI_Wtime() - a;
+          local[3] = bench::now_seconds() - a;
         } else if (which == 3) {
           deadline.run();
-          local[4] = MPI_Wtime() - a;
+          local[4] = bench::now_seconds() - a;
         } else {
-          MPI_Allgather(buf.data(), n, MPI_DOUBLE, gathered.data(), n, MPI_DOUBLE,
-                        MPI_COMM_WORLD);
-          const double b = MPI_Wtime();
-          std::copy(gathered.begin(), gathered.begin() + n, sum.begin());
-          for (int r = 1; r < size; ++r) {
-            const double* g = gathered.data() + static_cast<std::size_t>(r) * n;
-            for (int i = 0; i < n; ++i) sum[i] += g[i];
-          }
-          local[1] = MPI_Wtime() - a;
-          local[2] = MPI_Wtime() - b;
+          allgather.exchange(buf.data(), sum.data(), n, &local[2]);
+          local[1] = bench::now_seconds() - a;
         }
         for (int i = 0; i < n; ++i) buf[i] = rank + i * 1e-3;  // keep the values bounded
       }
-      double slowest[5];
-      MPI_Allreduce(local, slowest, 5, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      bench::max_over_ranks(local, MPI_COMM_WORLD);  // the slowest rank's
       if (it >= warmup) {
-        t_ar.push_back(slowest[0] * 1e6);
-        t_ag.push_back(slowest[1] * 1e6);
-        t_comb.push_back(slowest[2] * 1e6);
-        t_blocking.push_back(slowest[3] * 1e6);
-        t_deadline.push_back(slowest[4] * 1e6);
-        t_extra.push_back((slowest[4] - slowest[3]) * 1e6);
+        t_ar.push_back(local[0] * 1e6);
+        t_ag.push_back(local[1] * 1e6);
+        t_comb.push_back(local[2] * 1e6);
+        t_blocking.push_back(local[3] * 1e6);
+        t_deadline.push_back(local[4] * 1e6);
+        t_extra.push_back((local[4] - local[3]) * 1e6);
       }
     }
-    rows.push_back({c, 8.0 * n, median(t_ar), median(t_ag), median(t_comb), median(t_blocking),
-                    median(t_deadline), median(t_extra)});
+    Row r;
+    r.ranks = size;
+    r.channels = c;
+    r.bytes = 8.0 * n;
+    r.allreduce_us = median(t_ar);
+    r.allgather_us = median(t_ag);
+    r.combine_us = median(t_comb);
+    r.call_blocking_us = median(t_blocking);
+    r.call_deadline_us = median(t_deadline);
+    r.deadline_extra_us = median(t_extra);
+    rows.push_back(r);
   }
 
   std::vector<int> distinct = channels;
@@ -229,78 +286,94 @@ int main(int argc, char** argv) {
     std::printf("# exchange_bench: %d ranks, %d iterations (%d warm-up), median of the slowest "
                 "rank per call\n",
                 size, iters, warmup);
-    std::printf("# %6s %10s %14s %14s %12s %14s\n", "C", "bytes/rank", "allreduce(us)",
-                "allgather(us)", "combine(us)", "allgather/ar");
+    exchange_table().print_header();
     for (const Row& r : rows) {
-      std::printf("  %6d %10.0f %14.2f %14.2f %12.2f %14.2f\n", r.channels, r.bytes,
-                  r.allreduce_us, r.allgather_us, r.combine_us, r.allgather_us / r.allreduce_us);
+      exchange_table().print_row({bench::integer(r.channels), bench::num(r.bytes),
+                                  bench::num(r.allreduce_us), bench::num(r.allgather_us),
+                                  bench::num(r.combine_us),
+                                  bench::num(r.allgather_us / r.allreduce_us)});
     }
     std::printf("# Deadlines: syncbn_forward_training (one allreduce of 2C + 18 doubles) with no "
                 "deadline and with 600 s, against MPI_Allreduce of the same buffer\n");
-    std::printf("# %6s %14s %16s %16s %14s %14s %12s\n", "C", "allreduce(us)", "no deadline(us)",
-                "deadline(us)", "deadline/ar", "deadline/none", "exchange/ar");
+    deadline_table().print_header();
     for (const Row& r : rows) {
-      std::printf("  %6d %14.2f %16.2f %16.2f %14.2f %14.2f %12.2f\n", r.channels, r.allreduce_us,
-                  r.call_blocking_us, r.call_deadline_us, r.call_deadline_us / r.allreduce_us,
-                  r.call_deadline_us / r.call_blocking_us,
-                  (r.allreduce_us + r.deadline_extra_us) / r.allreduce_us);
+      deadline_table().print_row(
+          {bench::integer(r.channels), bench::num(r.allreduce_us),
+           bench::num(r.call_blocking_us), bench::num(r.call_deadline_us),
+           bench::num(r.call_deadline_us / r.allreduce_us),
+           bench::num(r.call_deadline_us / r.call_blocking_us), bench::num(r.exchange_ratio())});
     }
 
     if (!fit) {
       std::printf("# Model: needs two or more distinct --channels values to fit; skipped\n");
-      MPI_Finalize();
-      return 0;
-    }
-    // Fit at this P: allgather less combine t = L alpha + (P - 1) n beta; combine
-    // t = (P - 1) n gamma.
-    const double steps = std::max(std::ceil(std::log2(p)), 1.0), others = std::max(p - 1, 1.0);
-    std::vector<double> x, y_ag, y_comb;
-    for (const Row& r : rows) {
-      x.push_back(r.bytes);
-      y_ag.push_back(r.allgather_us - r.combine_us);
-      y_comb.push_back(r.combine_us);
-    }
-    Model m;
-    double intercept = 0, slope = 0, unused = 0;
-    fit_line(x, y_ag, intercept, slope);
-    fit_line(x, y_comb, unused, m.gamma);
-    m.alpha = std::max(intercept / steps, 0.0);
-    m.beta = std::max(slope / others, 0.0);
-    m.gamma = std::max(m.gamma / others, 0.0);
-    std::printf("# Model (Hockney, allgather fitted at P = %d over the C sweep): alpha %.3f us per step, "
-                "beta %.3g us/byte (%.2f GB/s), gamma %.3g us/byte summed\n",
-                size, m.alpha, m.beta, m.beta > 0 ? 1e-3 / m.beta : 0.0, m.gamma);
-    std::printf("# Modelled allgather / allreduce by P; crossover = smallest P where the ratio "
-                "reaches 1.1x and 2x\n");
-    std::printf("# %6s", "C");
-    for (int q = 2; q <= max_p; q *= 2) std::printf(" %7d", q);
-    std::printf(" %9s %9s\n", "P(1.1x)", "P(2x)");
-    std::FILE* f = csv.empty() ? nullptr : std::fopen(csv.c_str(), "w");
-    if (!csv.empty() && f == nullptr) std::fprintf(stderr, "exchange_bench: cannot write %s\n", csv.c_str());
-    if (f != nullptr) {
-      std::fprintf(f,
-                   "ranks,channels,bytes_per_rank,allreduce_us,allgather_us,combine_us,"
-                   "model_alpha_us,model_beta_us_per_byte,model_gamma_us_per_byte,"
-                   "model_crossover_p_1.1x,model_crossover_p_2x\n");
-    }
-    for (const Row& r : rows) {
-      std::printf("  %6d", r.channels);
-      int p11 = 0, p2 = 0;
-      for (int q = 2; q <= max_p; q *= 2) {
-        const double ratio = m.allgather(q, r.bytes) / m.allreduce(q, r.bytes);
-        std::printf(" %7.2f", ratio);
-        if (p11 == 0 && ratio >= 1.1) p11 = q;
-        if (p2 == 0 && ratio >= 2.0) p2 = q;
+    } else {
+      // Fit at this P: allgather less combine t = L alpha + (P - 1) n beta; combine
+      // t = (P - 1) n gamma.
+      const double steps = std::max(std::ceil(std::log2(p)), 1.0),
+                   others = std::max(p - 1, 1.0);
+      std::vector<double> x, y_ag, y_comb;
+      for (const Row& r : rows) {
+        x.push_back(r.bytes);
+        y_ag.push_back(r.allgather_us - r.combine_us);
+        y_comb.push_back(r.combine_us);
       }
-      const auto cell = [](int q) { return q > 0 ? std::to_string(q) : std::string(">max"); };
-      std::printf(" %9s %9s\n", cell(p11).c_str(), cell(p2).c_str());
-      if (f != nullptr) {
-        std::fprintf(f, "%d,%d,%.0f,%.3f,%.3f,%.3f,%.4f,%.6g,%.6g,%d,%d\n", size, r.channels,
-                     r.bytes, r.allreduce_us, r.allgather_us, r.combine_us, m.alpha, m.beta,
-                     m.gamma, p11, p2);
+      Model m;
+      double intercept = 0, slope = 0, unused = 0;
+      fit_line(x, y_ag, intercept, slope);
+      fit_line(x, y_comb, unused, m.gamma);
+      m.alpha = std::max(intercept / steps, 0.0);
+      m.beta = std::max(slope / others, 0.0);
+      m.gamma = std::max(m.gamma / others, 0.0);
+      std::printf("# Model (Hockney, allgather fitted at P = %d over the C sweep): alpha %.3f us "
+                  "per step, beta %.3g us/byte (%.2f GB/s), gamma %.3g us/byte summed\n",
+                  size, m.alpha, m.beta, m.beta > 0 ? 1e-3 / m.beta : 0.0, m.gamma);
+      std::printf("# Modelled allgather / allreduce by P; crossover = smallest P where the ratio "
+                  "reaches 1.1x and 2x\n");
+      std::vector<bench::Column> cols{bench::Column{"C", "", 6, 0}};
+      for (int q = 2; q <= max_p; q *= 2) cols.emplace_back(std::to_string(q), "", 7, 2);
+      cols.emplace_back("P(1.1x)", "", 9, 0);
+      cols.emplace_back("P(2x)", "", 9, 0);
+      const bench::Table model_table(cols);
+      model_table.print_header();
+      for (Row& r : rows) {
+        bench::Record cells{bench::integer(r.channels)};
+        int p11 = 0, p2 = 0;
+        for (int q = 2; q <= max_p; q *= 2) {
+          const double ratio = m.allgather(q, r.bytes) / m.allreduce(q, r.bytes);
+          cells.push_back(bench::num(ratio));
+          if (p11 == 0 && ratio >= 1.1) p11 = q;
+          if (p2 == 0 && ratio >= 2.0) p2 = q;
+        }
+        const auto cell = [](int q) {
+          return bench::text(q > 0 ? std::to_string(q) : std::string(">max"));
+        };
+        cells.push_back(cell(p11));
+        cells.push_back(cell(p2));
+        model_table.print_row(cells);
+        r.alpha_us = m.alpha;
+        r.beta_us_per_byte = m.beta;
+        r.gamma_us_per_byte = m.gamma;
+        r.p_11 = p11;
+        r.p_2 = p2;
       }
     }
-    if (f != nullptr) std::fclose(f);
+    std::vector<bench::Record> records;
+    for (const Row& r : rows) records.push_back(bench::record_of(fields(), r));
+    try {
+      if (!o.csv.empty()) bench::write_csv(o.csv, bench::schema_of(fields()), records);
+      if (!o.json.empty()) {
+        bench::write_json(o.json,
+                          {{"date", bench::text(bench::utc_now())},
+                           {"hostname", bench::text(bench::host_name())},
+                           {"ranks", bench::integer(size)},
+                           {"iterations", bench::integer(iters)},
+                           {"warmup", bench::integer(warmup)},
+                           {"max_p", bench::integer(max_p)}},
+                          bench::schema_of(fields()), records);
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "exchange_bench: %s\n", e.what());
+    }
   }
   MPI_Finalize();
   return 0;

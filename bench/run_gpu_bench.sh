@@ -8,8 +8,9 @@
 # the other results there (.txt: the table, stdout; .log: progress and errors, stderr). FLAGS go to both benchmarks (-n, -w, --batches, --dtypes, --layouts,
 # --shapes, --cold-l2, --device), e.g.  bench/run_gpu_bench.sh /tmp/r -- --batches 2 -n 50
 #
-# The build needs cmake >= 3.25, ninja, nvcc, NCCL and cuDNN, and nothing else: MPI, GoogleTest,
-# CLI11 and libtorch are switched off. NCCL and cuDNN are taken from NCCL_HOME / CUDNN_HOME, else
+# The build needs cmake >= 3.25, ninja, nvcc, NCCL, cuDNN and the CLI11 header (cuda_bench's flags;
+# Debian libcli11-dev, or CMAKE_ARGS=-DCLI11_INCLUDE_DIR=...), and nothing else: MPI, GoogleTest
+# and libtorch are switched off. NCCL and cuDNN are taken from NCCL_HOME / CUDNN_HOME, else
 # the CUDA toolkit or the system, else the pip wheels PyTorch brings (nvidia-nccl-cu*,
 # nvidia-cudnn-cu*).
 #
