@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/hd.hpp"
 
@@ -95,6 +96,58 @@ SYNCBN_HD inline BackwardCoefficients<T> backward_coefficients(double center, do
           static_cast<T>(a * invstd * invstd * sum_gx / m), static_cast<T>(-a * sum_g / m)};
 }
 
+// A plan's coefficients live as arrays of C values, one per coefficient, in one block of 4C
+// (struct of arrays, so that the elementwise passes read each coefficient contiguously):
+// forward [center | scale | shift], backward [center | a | k | d]. P may be const.
+template <class P>
+struct AffineArrays {
+  P* center;
+  P* scale;
+  P* shift;
+};
+template <class P>
+struct BackwardArrays {
+  P* center;
+  P* a;
+  P* k;
+  P* d;
+};
+
+template <class P>
+SYNCBN_HD inline AffineArrays<P> affine_arrays(P* block, std::int64_t C) {
+  return {block, block + C, block + 2 * C};
+}
+template <class P>
+SYNCBN_HD inline BackwardArrays<P> backward_arrays(P* block, std::int64_t C) {
+  return {block, block + C, block + 2 * C, block + 3 * C};
+}
+
+template <class P, class T>
+SYNCBN_HD inline void store(const AffineArrays<P>& to, std::int64_t c,
+                            const AffineCoefficients<T>& co) {
+  to.center[c] = co.center;
+  to.scale[c] = co.scale;
+  to.shift[c] = co.shift;
+}
+template <class P, class T>
+SYNCBN_HD inline void store(const BackwardArrays<P>& to, std::int64_t c,
+                            const BackwardCoefficients<T>& co) {
+  to.center[c] = co.center;
+  to.a[c] = co.a;
+  to.k[c] = co.k;
+  to.d[c] = co.d;
+}
+template <class P>
+SYNCBN_HD inline AffineCoefficients<std::remove_const_t<P>> load(const AffineArrays<P>& from,
+                                                                 std::int64_t c) {
+  return {from.center[c], from.scale[c], from.shift[c]};
+}
+template <class P>
+SYNCBN_HD inline BackwardCoefficients<std::remove_const_t<P>> load(const BackwardArrays<P>& from,
+                                                                   std::int64_t c) {
+  return {from.center[c], from.a[c], from.k[c], from.d[c]};
+}
+
 // ---- the per-channel finalize of each direction, called by the CPU loop (src/cpu/backend.cpp)
 // and the CUDA kernels (src/cuda/kernels.cu) alike ---------------------------------------------
 
@@ -135,7 +188,7 @@ SYNCBN_HD inline double parameter(const void* p, std::int64_t c, bool present, d
 }
 
 // Channel c of a forward from the group's sums [s (C) | q (C)] and count m: saved statistics,
-// the coefficients [center | scale | shift] (C each), and with f.track the running statistics
+// the coefficients (affine_arrays of coefficients), and with f.track the running statistics
 // with weight a (running_factor).
 template <class P>
 SYNCBN_HD inline void finalize_forward_channel(const ForwardFinalize& f, const double* sums,
@@ -144,34 +197,28 @@ SYNCBN_HD inline void finalize_forward_channel(const ForwardFinalize& f, const d
   const Moments mo = moments_from_sums(sums[c], sums[C + c], m, f.eps);
   if (f.save_mean) static_cast<P*>(f.save_mean)[c] = static_cast<P>(mo.mean);
   if (f.save_invstd) static_cast<P*>(f.save_invstd)[c] = static_cast<P>(mo.invstd);
-  const AffineCoefficients<P> co = affine_coefficients<P>(
-      mo.mean, mo.invstd, parameter<P>(f.weight, c, f.affine, 1.0),
-      parameter<P>(f.bias, c, f.affine, 0.0));
-  coefficients[c] = co.center;
-  coefficients[C + c] = co.scale;
-  coefficients[2 * C + c] = co.shift;
+  store(affine_arrays(coefficients, C), c,
+        affine_coefficients<P>(mo.mean, mo.invstd, parameter<P>(f.weight, c, f.affine, 1.0),
+                               parameter<P>(f.bias, c, f.affine, 0.0)));
   if (f.track) {
     update_running(static_cast<P*>(f.running_mean)[c], static_cast<P*>(f.running_var)[c], mo, m, a);
   }
 }
 
-// Channel c of an inference with running statistics: the coefficients [center | scale | shift].
+// Channel c of an inference with running statistics: the coefficients (affine_arrays).
 template <class P>
 SYNCBN_HD inline void finalize_running_channel(double eps, bool affine, const void* weight,
                                                const void* bias, const P* running_mean,
                                                const P* running_var, std::int64_t C,
                                                std::int64_t c, P* coefficients) {
   const double invstd = 1.0 / sqrt(static_cast<double>(running_var[c]) + eps);
-  const AffineCoefficients<P> co = affine_coefficients<P>(
-      running_mean[c], invstd, parameter<P>(weight, c, affine, 1.0),
-      parameter<P>(bias, c, affine, 0.0));
-  coefficients[c] = co.center;
-  coefficients[C + c] = co.scale;
-  coefficients[2 * C + c] = co.shift;
+  store(affine_arrays(coefficients, C), c,
+        affine_coefficients<P>(running_mean[c], invstd, parameter<P>(weight, c, affine, 1.0),
+                               parameter<P>(bias, c, affine, 0.0)));
 }
 
 // Channel c of a backward from the group's sums [sum_g (C) | sum_gx (C)] and m: the
-// coefficients [center | a | k | d] (C each), and dweight / dbias (when affine and given) from
+// coefficients (backward_arrays of coefficients), and dweight / dbias (when affine and given) from
 // the group's sums with f.global_param_grads, else from this rank's (local).
 template <class P>
 SYNCBN_HD inline void finalize_backward_channel(const BackwardFinalize& f, const double* sums,
@@ -179,13 +226,10 @@ SYNCBN_HD inline void finalize_backward_channel(const BackwardFinalize& f, const
                                                 std::int64_t c, double m, P* coefficients) {
   const P* save_mean = static_cast<const P*>(f.save_mean);
   const P* save_invstd = static_cast<const P*>(f.save_invstd);
-  const BackwardCoefficients<P> co = backward_coefficients<P>(
-      save_mean[c], save_invstd[c], parameter<P>(f.weight, c, f.affine, 1.0), sums[c],
-      sums[C + c], m);
-  coefficients[c] = co.center;
-  coefficients[C + c] = co.a;
-  coefficients[2 * C + c] = co.k;
-  coefficients[3 * C + c] = co.d;
+  store(backward_arrays(coefficients, C), c,
+        backward_coefficients<P>(save_mean[c], save_invstd[c],
+                                 parameter<P>(f.weight, c, f.affine, 1.0), sums[c], sums[C + c],
+                                 m));
   if (!f.affine) return;
   const double* src = f.global_param_grads ? sums : local;
   if (f.dweight) {

@@ -30,7 +30,7 @@ T* as(void* p) {
 template <class T>
 struct Scratch {
   std::vector<T> data_shift;    // forward: each channel's shift (its first local value)
-  std::vector<T> coefficients;  // forward [center | scale | shift], backward [center | a | k | d]
+  std::vector<T> coefficients;  // 4C: core::affine_arrays / core::backward_arrays
   explicit Scratch(std::size_t C) : data_shift(C), coefficients(4 * C) {}
 };
 
@@ -131,14 +131,13 @@ class CpuBackend final : public core::Backend {
   }
 
   void normalize(const Call& call, const void* x, void* y) override {
-    const T* const k = scratch_.coefficients.data();
-    cpu::normalize(call.g, as<T>(x), k, k + C_, k + 2 * C_, as<T>(y));
+    const auto co = core::affine_arrays<const T>(scratch_.coefficients.data(), C_);
+    cpu::normalize(call.g, as<T>(x), co.center, co.scale, co.shift, as<T>(y));
   }
 
   void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) override {
-    const T* const k = scratch_.coefficients.data();
-    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), k, k + C_, k + 2 * C_, k + 3 * C_,
-                        as<T>(dx));
+    const auto co = core::backward_arrays<const T>(scratch_.coefficients.data(), C_);
+    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), co.center, co.a, co.k, co.d, as<T>(dx));
   }
 
  private:

@@ -517,23 +517,27 @@ unsigned channel_blocks(std::int64_t C) { return static_cast<unsigned>(ceil_div(
 // ---- elementwise -----------------------------------------------------------------------------
 
 // y = (x - center) * scale + shift, or dx = a dy - k (x - center) + d (BACKWARD), for V
-// consecutive elements of one channel (channels-first) or one element of V channels (coef[k]).
+// consecutive elements of one channel (channels-first) or one element of V channels: channel c
+// of the coefficient arrays (core::affine_arrays, core::backward_arrays).
 template <class T, bool BACKWARD>
 struct Coefficients {
-  Acc<T> center, scale, shift, d;  // forward uses center, scale, shift; backward all four
+  std::conditional_t<BACKWARD, core::BackwardCoefficients<Acc<T>>,
+                     core::AffineCoefficients<Acc<T>>>
+      co;
   __device__ static Coefficients of(const Acc<T>* coef, std::int64_t C, std::int64_t c) {
     if constexpr (BACKWARD) {
-      return {coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]};
+      return {core::load(core::backward_arrays(coef, C), c)};
     } else {
-      return {coef[c], coef[C + c], coef[2 * C + c], Acc<T>(0)};
+      return {core::load(core::affine_arrays(coef, C), c)};
     }
   }
   __device__ T apply(T x, T dy) const {
-    const Acc<T> xc = to_acc(x) - center;
+    const Acc<T> xc = to_acc(x) - co.center;
     if constexpr (BACKWARD) {
-      return from_acc<T>(scale * to_acc(dy) - shift * xc + d);  // scale = a, shift = k here
+      return from_acc<T>(co.a * to_acc(dy) - co.k * xc + co.d);
     } else {
-      return from_acc<T>(xc * scale + shift);
+      (void)dy;
+      return from_acc<T>(xc * co.scale + co.shift);
     }
   }
 };
