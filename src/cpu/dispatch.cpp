@@ -127,4 +127,20 @@ void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center,
 SYNCBN_CPU_INSTANTIATE_KERNELS(float)
 SYNCBN_CPU_INSTANTIATE_KERNELS(double)
 
+// The workspace's growth, at the baseline instruction set (kernels.hpp).
+double* zeroed_sums(Workspace& ws, std::size_t n) {
+  ws.sums.assign(n, 0.0);
+  return ws.sums.data();
+}
+
+float* group_room(Workspace& ws, std::size_t n, float*) {
+  if (ws.groups_f32.size() < n) ws.groups_f32.resize(n);
+  return ws.groups_f32.data();
+}
+
+double* group_room(Workspace& ws, std::size_t n, double*) {
+  if (ws.groups_f64.size() < n) ws.groups_f64.resize(n);
+  return ws.groups_f64.data();
+}
+
 }  // namespace syncbn::cpu

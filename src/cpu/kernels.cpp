@@ -66,16 +66,6 @@ std::size_t groups_stride(std::int64_t C) {
   return thread_stride(2 * C, sizeof(A), kAliasPeriod);
 }
 
-template <class A>
-std::vector<A>& group_storage(Workspace& ws);
-template <>
-std::vector<float>& group_storage<float>(Workspace& ws) {
-  return ws.groups_f32;
-}
-template <>
-std::vector<double>& group_storage<double>(Workspace& ws) {
-  return ws.groups_f64;
-}
 
 // The group sums gu[C], gv[C] of type A, in a thread's group scratch `room` (kAliasPeriod bytes
 // of room, then 2C elements; reduce_rows stores to them for every vector it loads). Addresses
@@ -186,12 +176,11 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
   const int nt = threads_for(g.outer * C * g.inner);
   const std::size_t stride = sums_stride(C), gstride = groups_stride<A>(C);
   // Within reserve_workspace's capacity unless the thread count grew.
-  ws.sums.assign(static_cast<std::size_t>(nt) * stride, 0.0);
+  double* const partials = zeroed_sums(ws, static_cast<std::size_t>(nt) * stride);
   // The group sums need no zeroing here: reduce_rows zeroes them at the start of every group.
-  std::vector<A>& groups = group_storage<A>(ws);
-  const std::size_t gsize = static_cast<std::size_t>(nt) * gstride;
-  if (g.inner == 1 && groups.size() < gsize) groups.resize(gsize);
-  double* const partials = ws.sums.data();
+  A* const groups =
+      g.inner == 1 ? group_room(ws, static_cast<std::size_t>(nt) * gstride, static_cast<A*>(nullptr))
+                   : nullptr;
 
   // Short channels-first rows, channel by channel (see kShortRow): thread t takes whole
   // channels, all of their rows.
@@ -235,7 +224,7 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
       }
     } else {
       const GroupSums<A> gs =
-          g.inner == 1 ? place_group_sums<A>(groups.data() + static_cast<std::size_t>(t) * gstride,
+          g.inner == 1 ? place_group_sums<A>(groups + static_cast<std::size_t>(t) * gstride,
                                              pu, C, loaded)
                        : GroupSums<A>{};
       for_share(g, t, omp_get_num_threads(),

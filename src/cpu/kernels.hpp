@@ -22,6 +22,15 @@ struct Workspace {
   std::vector<double> groups_f64;   // the same for fp64 data (and fp32 data's fp64 fallback)
 };
 
+// The workspace's memory for a reduction: n zeroed partial sums; room for at least n group sums
+// of float or double (not zeroed). They grow the vectors, and are compiled once, at the baseline
+// instruction set (dispatch.cpp): std::vector's out-of-line code instantiated in the kernels,
+// which are compiled per instruction set, would be a weak symbol the linker may take from the
+// AVX-512 object for every caller. Throw std::bad_alloc.
+double* zeroed_sums(Workspace& ws, std::size_t n);
+float* group_room(Workspace& ws, std::size_t n, float* /* tag */);
+double* group_room(Workspace& ws, std::size_t n, double* /* tag */);
+
 // The kernels, declared once per instruction set they are compiled for (kernels.cpp). The
 // entry points below (dispatch.cpp) call the best set this CPU supports, chosen once: AVX-512
 // (x86-64-v4), AVX2 + FMA (x86-64-v3) or the baseline. SYNCBN_CPU_ISA=generic|x86-64-v3|
