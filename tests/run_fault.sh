@@ -39,7 +39,8 @@ cleanup() {
   rm -rf "$log" "$piddir"
 }
 trap cleanup EXIT
-trap 'exit 143' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 export SYNCBN_FAULT_PIDDIR=$piddir
 launcher_grace_ms=5000
 

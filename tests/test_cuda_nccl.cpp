@@ -19,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -59,18 +60,47 @@ class NcclEnvironment : public ::testing::Environment {
 [[maybe_unused]] ::testing::Environment* const kNcclEnvironment =
     ::testing::AddGlobalTestEnvironment(new NcclEnvironment);
 
-// COLLECTIVE: NCCL can run here: every rank sees a GPU and no node has more ranks than GPUs.
+// COLLECTIVE: whether two ranks of some node would be on one GPU, device local_rank % (the
+// devices a rank sees) as syncbn_nccl_comm_init_mpi picks it, compared by UUID (so that ranks
+// with a CUDA_VISIBLE_DEVICES of their own count as apart). The same answer on every rank.
+bool some_node_shares_a_gpu() {
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank(), MPI_INFO_NULL, &node);
+  int local = 0, local_size = 1;
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_size(node, &local_size);
+  cudaUUID_t mine;
+  std::memset(&mine, 0, sizeof mine);
+  const int n = cuda_device_count();
+  cudaDeviceProp prop{};
+  if (n > 0 && cudaGetDeviceProperties(&prop, local % n) == cudaSuccess) {
+    mine = prop.uuid;
+  } else {
+    (void)cudaGetLastError();
+  }
+  std::vector<cudaUUID_t> all(static_cast<size_t>(local_size));
+  MPI_Allgather(&mine, static_cast<int>(sizeof mine), MPI_BYTE, all.data(),
+                static_cast<int>(sizeof mine), MPI_BYTE, node);
+  MPI_Comm_free(&node);
+  bool shared = false;
+  for (int i = 0; i < local_size; ++i) {
+    if (i != local && std::memcmp(&all[static_cast<size_t>(i)], &mine, sizeof mine) == 0) {
+      shared = true;
+    }
+  }
+  return !on_every_rank(!shared);
+}
+
+// COLLECTIVE: NCCL can run here: every rank sees a GPU and no two ranks of a node share one.
 // The same verdict on every rank.
 bool nccl_usable(std::string* why) {
-  int local_size = 1;
-  node_local_rank(&local_size);
   const int n = cuda_device_count();
   if (!on_every_rank(n > 0)) {
     *why = "some rank sees no CUDA device";
     return false;
   }
-  if (!on_every_rank(local_size <= n)) {
-    *why = "a node has more ranks than GPUs (NCCL needs one GPU per rank)";
+  if (some_node_shares_a_gpu()) {
+    *why = "two ranks of a node would share a GPU (NCCL needs one GPU per rank)";
     return false;
   }
   return true;
@@ -146,15 +176,14 @@ TEST(CudaNcclNoDevice, InitFailsOnEveryRank) {
   EXPECT_TRUE(message_names({"rank"}));
 }
 
-// A node with more ranks than GPUs (NCCL would reject two ranks on one GPU): every rank fails
-// before NCCL is called, the message naming a rank. Runs where every rank sees a GPU and some
-// node is oversubscribed (e.g. ctest's cuda_nccl.np2 on a one-GPU machine).
+// Two ranks of a node on one GPU (more ranks than GPUs; NCCL would reject them): every rank
+// fails before NCCL is called, the message naming a rank. Runs where every rank sees a GPU and
+// some node is oversubscribed (e.g. ctest's cuda_nccl.np2 on a one-GPU machine); ranks with a
+// CUDA_VISIBLE_DEVICES of their own are apart and skip it.
 TEST(CudaNcclInit, MoreRanksThanGpusFailsOnEveryRank) {
-  int local_size = 1;
-  node_local_rank(&local_size);
   const int n = cuda_device_count();
   if (!on_every_rank(n > 0)) GTEST_SKIP() << "some rank sees no CUDA device";
-  if (on_every_rank(local_size <= n)) GTEST_SKIP() << "no node has more ranks than GPUs";
+  if (!some_node_shares_a_gpu()) GTEST_SKIP() << "no two ranks of a node share a GPU";
   ncclComm_t nc = nullptr;
   EXPECT_EQ(syncbn_nccl_comm_init_mpi(MPI_COMM_WORLD, &nc, nullptr), SYNCBN_ERROR_INVALID_ARGUMENT)
       << rank_tag() << ": " << syncbn_last_error();

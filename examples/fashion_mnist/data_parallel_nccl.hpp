@@ -18,8 +18,8 @@ namespace syncbn_examples {
 // end). Destroy every syncbn communicator and plan made from get() first.
 class NcclCommunicator {
  public:
-  // COLLECTIVE over comm: syncbn_nccl_comm_init_mpi, which makes GPU local_rank current on this
-  // rank (one GPU per rank) (see syncbn/syncbn_nccl_mpi.h). Throws syncbn::Error on failure (on
+  // COLLECTIVE over comm: syncbn_nccl_comm_init_mpi, which makes GPU local_rank % (visible
+  // devices) current on this rank (one GPU per rank) (see syncbn/syncbn_nccl_mpi.h). Throws syncbn::Error on failure (on
   // every rank alike).
   explicit NcclCommunicator(MPI_Comm comm);
   ~NcclCommunicator();

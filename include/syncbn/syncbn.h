@@ -90,7 +90,8 @@
  *     dbias), so a failure cannot pass as data;
  *   - over the self communicator nothing is exchanged; over MPI the packed buffer goes through
  *     pinned host memory (or straight to MPI when Open MPI is CUDA-aware), the call synchronizes
- *     stream once, and every error is returned by the call itself, as on the CPU;
+ *     stream once (CUDA-aware MPI: twice, before and after the allreduce), and every error is
+ *     returned by the call itself, as on the CPU;
  *   - over a custom communicator (syncbn_comm_create_custom) the caller's allreduce gets the
  *     device buffer and the stream, and verdicts are reached on the device as over NCCL.
  * Arguments a rank can check itself (null pointers, shapes, the current device) are returned by
@@ -98,10 +99,10 @@
  * failure, so that no peer waits forever. The call sequence number that guards against skipped
  * calls is counted on the device, so graph replays count as calls. A negative
  * num_batches_tracked (device memory) is found on the device: asynchronously over NCCL and over
- * the self communicator. A plan's calls share its device memory, so they run in call order: a
- * call on another stream than the plan's previous call first waits (cudaStreamWaitEvent) for
- * the end of that call. Inside a CUDA graph capture no event is recorded or waited on: the
- * caller must order the launches of graphs that use one plan (one stream does). Over NCCL, ranks in calls of plans with different C enqueue
+ * the self communicator. A plan's calls share its device memory, so they run in call order:
+ * each call first waits (cudaStreamWaitEvent, on its stream) for the end of the plan's previous
+ * call, whatever stream that used. Inside a CUDA graph capture no event is recorded or waited
+ * on: the caller must order the launches of graphs that use one plan (one stream does). Over NCCL, ranks in calls of plans with different C enqueue
  * allreduces of different lengths, which NCCL does not detect: they hang rather than fail.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
@@ -155,7 +156,8 @@ typedef enum syncbn_status {
   SYNCBN_ERROR_BATCH_TOO_SMALL = 4,
   /* A valid request this build cannot serve (a dtype or device it was built without). */
   SYNCBN_ERROR_NOT_SUPPORTED = 5,
-  /* The communication backend failed (MPI returned an error). */
+  /* The communication backend failed (MPI or NCCL returned an error), or its sum is garbage
+     (the group's count of values is NaN, infinite or negative). */
   SYNCBN_ERROR_COMM = 6,
   SYNCBN_ERROR_OUT_OF_MEMORY = 7,
   SYNCBN_ERROR_INTERNAL = 8,

@@ -35,7 +35,9 @@ extern "C" {
    bootstrap. After SYNCBN_ERROR_TIMEOUT, collectives may be left pending on mpi_comm: do not use
    it for further collectives. *nccl_comm is the caller's: pass it to syncbn_comm_create_nccl and release it with
    ncclCommDestroy. It is a NON-BLOCKING communicator: NCCL calls on it may return ncclInProgress,
-   after which ncclCommGetAsyncError says when the call has settled. local_rank may be NULL.
+   after which ncclCommGetAsyncError says when the call has settled. *local_rank (may be NULL) is
+   the rank's index on its node, not the device index (that is local_rank % n, the current
+   device on return).
    Errors (on every rank alike): SYNCBN_ERROR_INVALID_ARGUMENT (nccl_comm NULL, MPI not
    initialized, mpi_comm MPI_COMM_NULL, no CUDA device on some rank, two ranks of a node on one
    GPU; the message names the rank), SYNCBN_ERROR_COMM (MPI or NCCL failed), SYNCBN_ERROR_TIMEOUT (a step did not complete

@@ -35,6 +35,9 @@ struct DeviceSum {
   // buffer cannot be read, with the reason. Called at most once, before the sum.
   void (*substitute)(void* context, double* host, const std::string& why) = nullptr;
   void* context = nullptr;
+  // What the host reads of the sum when it is on the device and the host's copy is made only
+  // for it (CUDA-aware MPI): the first host_reads values and the last one (0: all).
+  std::size_t host_reads = 0;
 };
 
 // Where the group's sum is when allreduce_sum(DeviceSum&) returns.

@@ -39,16 +39,27 @@ HostMirror::~HostMirror() {
 }
 
 double* HostMirror::for_host_writes() {
-  cudaEventSynchronize(static_cast<cudaEvent_t>(copied_out_));  // an error here is sticky: seen later
+  // A failure here leaves nothing to wait for; cleared, so that no later launch reports it.
+  if (cudaEventSynchronize(static_cast<cudaEvent_t>(copied_out_)) != cudaSuccess) {
+    cudaGetLastError();
+  }
   return host_;
 }
 
-void HostMirror::copy_from_device(const double* device, void* stream) {
+void HostMirror::copy_from_device(const double* device, void* stream, std::size_t head) {
   const auto s = static_cast<cudaStream_t>(stream);
   check_cuda(cudaStreamWaitEvent(s, static_cast<cudaEvent_t>(copied_out_), 0),
              "cudaStreamWaitEvent");
-  check_cuda(cudaMemcpyAsync(host_, device, count_ * sizeof(double), cudaMemcpyDeviceToHost, s),
-             "cudaMemcpyAsync (device buffer to host)");
+  if (head == 0 || head + 1 >= count_) {
+    check_cuda(cudaMemcpyAsync(host_, device, count_ * sizeof(double), cudaMemcpyDeviceToHost, s),
+               "cudaMemcpyAsync (device buffer to host)");
+  } else {  // the first head slots and the last one
+    check_cuda(cudaMemcpyAsync(host_, device, head * sizeof(double), cudaMemcpyDeviceToHost, s),
+               "cudaMemcpyAsync (device buffer to host)");
+    check_cuda(cudaMemcpyAsync(host_ + count_ - 1, device + count_ - 1, sizeof(double),
+                               cudaMemcpyDeviceToHost, s),
+               "cudaMemcpyAsync (device buffer to host)");
+  }
   check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
 }
 
@@ -76,8 +87,8 @@ SumAt Communicator::allreduce_sum(DeviceSum& sum) {
       return SumAt::own;
 
     case DeviceBuffers::on_stream:
-      // An unwritten buffer holds the previous call's contribution, whose guards make every
-      // rank's verdict on the device fail (core/guard.hpp: the call sequence).
+      // An unwritten buffer holds the previous call's group sum (or zeros), whose participation
+      // count makes every rank's verdict on the device fail (core/guard.hpp).
       sum_device_memory(sum.buffer, sum.count, sum.stream);
       return SumAt::device;
 
@@ -92,7 +103,9 @@ SumAt Communicator::allreduce_sum(DeviceSum& sum) {
       }
       if (!why.empty()) substitute_into(sum, why);
       allreduce_sum(sum.mirror->for_host_writes(), sum.count);
-      sum.mirror->copy_to_device(sum.buffer, sum.stream);
+      // A rank whose device part failed has its verdict on the host already (it fails): no copy
+      // back, which could fail on its own and give this rank another message than its peers.
+      if (why.empty()) sum.mirror->copy_to_device(sum.buffer, sum.stream);
       return SumAt::host;
     }
 
@@ -112,7 +125,7 @@ SumAt Communicator::allreduce_sum(DeviceSum& sum) {
         return SumAt::host;
       }
       sum_device_memory(sum.buffer, sum.count, sum.stream);
-      sum.mirror->copy_from_device(sum.buffer, sum.stream);
+      sum.mirror->copy_from_device(sum.buffer, sum.stream, sum.host_reads);
       return SumAt::host;
     }
   }

@@ -29,8 +29,9 @@ class HostMirror {
   // The memory for host writes, once the last copy out of it is done.
   double* for_host_writes();
   // Enqueues device -> mirror on stream, after the last copy out of the mirror, and waits for
-  // the stream. Throws Failure(SYNCBN_ERROR_INTERNAL) when CUDA fails.
-  void copy_from_device(const double* device, void* stream);
+  // the stream: all of it, or (head > 0) the first head values and the last one. Throws
+  // Failure(SYNCBN_ERROR_INTERNAL) when CUDA fails.
+  void copy_from_device(const double* device, void* stream, std::size_t head = 0);
   // Enqueues mirror -> device on stream and records the event after it. Throws as above.
   void copy_to_device(double* device, void* stream);
 

@@ -109,8 +109,9 @@ void nccl_comm_init_mpi(MPI_Comm mpi_comm, ncclComm_t* nccl_comm, int* local_ran
     core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
                "rank " + std::to_string(bad) + ": " +
                    (bad == rank ? why
-                                : std::string("no usable CUDA device of its own, or nccl_comm "
-                                              "null")));
+                                : std::string("no usable CUDA device of its own (none, a "
+                                              "failed cudaSetDevice, or a GPU another local "
+                                              "rank is on), or nccl_comm null")));
   }
 
   // 2. The unique id, from rank 0 to every rank, with rank 0's success.

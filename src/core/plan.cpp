@@ -150,7 +150,7 @@ std::unique_ptr<Plan> Plan::create(std::shared_ptr<comm::Communicator> comm,
                                              ? make_cuda_backend(c, *comm, err)
                                              : make_cpu_backend(c);
       // A CPU plan's calls sum its packed buffer in host memory: room for it now (NCCL).
-      if (!err && c.device == SYNCBN_DEVICE_CPU) {
+      if (!err && c.device == SYNCBN_DEVICE_CPU && !comm->broken()) {
         comm->reserve_host(static_cast<std::size_t>(kGuardSlots + 2 * c.num_features + 1));
       }
       if (!err) plan.reset(new Plan(comm, c, tag, serial, std::move(backend)));

@@ -10,9 +10,9 @@
 // the CPU), or on the device only (NCCL, custom: the finalize kernels check the guards, and keep
 // a record for async_error).
 //
-// Ordering: a plan's device buffers are shared by its calls. A call on another stream than the
-// previous one waits for the previous call's end (an event recorded at the end of every call),
-// outside stream capture; inside a capture the caller orders the graph's launches (syncbn.h).
+// Ordering: a plan's device buffers are shared by its calls. Every call waits for the previous
+// call's end (an event recorded at the end of every call), whatever their streams, outside
+// stream capture; inside a capture the caller orders the graph's launches (syncbn.h).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -140,17 +140,19 @@ class CudaBackend final : public core::Backend {
 
   // The current device must be the plan's, and the stream must belong to it; otherwise this
   // rank still takes part, on the plan device's legacy default stream. Then the call waits for
-  // the previous one if that ran on another stream.
+  // the end of the plan's previous call (outside capture).
   void check_call(Call& call) override {
     cudaGetLastError();  // an error an earlier launch of the caller's left behind
     int current = -1;
     if (cudaGetDevice(&current) != cudaSuccess) cudaGetLastError();
     bool ok = current == device_;
+    DeviceSwitch on(device_);  // the queries and the fallback below are the plan device's
     const cudaStream_t stream = as_stream(call.stream);
     const bool capturing = is_capturing(stream);
     if (ok && stream != nullptr && !capturing) {
-      // Outside capture only (a capture is judged when its graph is launched), and a query the
-      // runtime cannot answer is no verdict: the launches would report a real mismatch.
+      // Outside capture only (the query is not documented as legal during capture; a captured
+      // call on a stream of another device fails when its kernels are launched into it), and a
+      // query the runtime cannot answer is no verdict: the launches would report a mismatch.
       int stream_device = -1;
       if (cudaStreamGetDevice(stream, &stream_device) != cudaSuccess) {
         cudaGetLastError();
@@ -160,12 +162,16 @@ class CudaBackend final : public core::Backend {
     }
     if (!ok) {
       core::require(call.err, false, core::Arg::device, core::Problem::wrong_device);
-      call.stream = nullptr;
+      // Outside capture the call goes to the plan device's legacy stream; inside one it stays
+      // on the caller's (a launch on the legacy stream would invalidate the capture), so that
+      // the captured call carries this rank's error to every replay.
+      if (!capturing) call.stream = nullptr;
     }
-    DeviceSwitch on(device_);  // the legacy stream a mismatched call falls back to is the plan's
     call_stream_ = as_stream(call.stream);
-    order_ = call_stream_ == stream ? !capturing : !is_capturing(call_stream_);
-    if (order_ && ended_ && call_stream_ != last_stream_) {
+    order_ = !capturing;
+    // After the previous call, whatever its stream (a wait on an event of the same stream costs
+    // nothing, and a new stream may have the address of a destroyed one).
+    if (order_ && ended_) {
       if (cudaStreamWaitEvent(call_stream_, call_done_, 0) != cudaSuccess) cudaGetLastError();
     }
   }
@@ -179,7 +185,6 @@ class CudaBackend final : public core::Backend {
       return;
     }
     ended_ = true;
-    last_stream_ = call_stream_;
   }
 
   void reduce_moments(Call& call, int rank, const void* x,
@@ -213,6 +218,7 @@ class CudaBackend final : public core::Backend {
       if (guards_unwritten_) sum.unwritten = "the guards could not be written on the device";
       sum.substitute = &Substitute::write;
       sum.context = &sub;
+      sum.host_reads = kGuardSlots;  // the verdict's: the guards, and m in the last slot
       at = comm.allreduce_sum(sum);
     }
     switch (at) {
@@ -359,8 +365,8 @@ class CudaBackend final : public core::Backend {
       write_guards(st_, gw, zero_local, call.stream);
     } catch (const core::Failure& f) {
       // Nothing can be launched: the MPI exchanges send the failing guards from pinned host
-      // memory instead; over NCCL the device buffer still holds the previous call's guards,
-      // whose sequence number makes every rank's device verdict fail (CALL_MISMATCH).
+      // memory instead; over NCCL the device buffer still holds the previous call's group sum,
+      // whose participation count makes every rank's device verdict fail.
       if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, f.what()};
       call.count = 0;
       guard_write(rank, call, nullptr);  // the host's copy carries the failure (a group of one)
@@ -376,7 +382,6 @@ class CudaBackend final : public core::Backend {
   AsyncRecord* record_host_ = nullptr;    // pinned: async_error's copy of the record
   cudaEvent_t call_done_ = nullptr;       // recorded at the end of the last ordered call
   cudaStream_t call_stream_ = nullptr;    // the current call's stream
-  cudaStream_t last_stream_ = nullptr;    // the stream call_done_ was recorded on
   bool order_ = false;                    // the current call takes part in the ordering
   bool ended_ = false;                    // call_done_ has been recorded
   double last_guards_[kGuardSlots] = {};  // this rank's guards of the current call

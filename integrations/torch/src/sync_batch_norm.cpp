@@ -163,7 +163,8 @@ SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
   options_.device(device_);
   plan_ = make_plan(comm_, options_, dtype_, device_);
   const int64_t c = options_.num_features();
-  const auto on_device = torch::TensorOptions().device(device_);
+  // float32 whatever torch's default dtype: the plan's (to() changes both together).
+  const auto on_device = torch::TensorOptions().device(device_).dtype(dtype_);
   if (options_.affine()) {
     weight = register_parameter("weight", torch::ones({c}, on_device));
     bias = register_parameter("bias", torch::zeros({c}, on_device));
@@ -188,9 +189,17 @@ SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
 // device errors (they would be lost with it), or the group's plan creation error.
 void SyncBatchNormImpl::set_dtype(torch::Dtype dtype) {
   if (dtype == dtype_ || (dtype != torch::kFloat32 && dtype != torch::kFloat64)) return;
-  check_async_error();
-  plan_ = make_plan(comm_, options_, dtype, device_);
+  // The new plan first: its creation is collective, and no rank may throw before it (the old
+  // plan's recorded errors are this rank's). Then the old plan's errors, reported on this rank
+  // once the layer has its new dtype on every rank.
+  syncbn::BatchNorm old = std::exchange(plan_, make_plan(comm_, options_, dtype, device_));
   dtype_ = dtype;
+#ifdef SYNCBN_TORCH_CUDA
+  if (device_.is_cuda()) {
+    const CudaDeviceScope device(device_);
+    old.check_async_error();
+  }
+#endif
 }
 
 void SyncBatchNormImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {

@@ -335,6 +335,27 @@ void run_dtype_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
                "expected an error containing '" + want + "', got '" + message + "'");
   }
 
+  // A layer made while torch's default dtype is float64 is still float32, parameters and
+  // statistics included, and trains on float32 input.
+  {
+    const caffe2::TypeMeta previous = torch::get_default_dtype();
+    torch::set_default_dtype(caffe2::TypeMeta::Make<double>());
+    SyncBatchNorm made(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
+    torch::set_default_dtype(previous);
+    for (const torch::Tensor* t : {&made->weight, &made->bias, &made->running_mean,
+                                   &made->running_var}) {
+      if (t->scalar_type() != torch::kFloat32) {
+        check.fail("a layer made with a float64 default dtype", "a parameter or statistic is not float32");
+      }
+    }
+    try {
+      made(x(torch::kFloat32));
+      made->check_async_error();
+    } catch (const std::exception& e) {
+      check.fail("a layer made with a float64 default dtype", std::string("forward threw: ") + e.what());
+    }
+  }
+
   for (torch::Dtype dtype : {torch::kFloat64, torch::kFloat32}) {
     bn->to(dtype);
     const std::string at = std::string("after ->to(") + c10::toString(dtype) + ")";
