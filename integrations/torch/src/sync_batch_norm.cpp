@@ -202,14 +202,25 @@ void SyncBatchNormImpl::set_dtype(torch::Dtype dtype) {
 #endif
 }
 
+// libtorch's Module::to(dtype) converts every buffer, the int64 batch counter too (PyTorch's
+// converts floating-point tensors only): it is put back at once, so that a state_dict taken
+// after to() still holds an int64 counter.
+void SyncBatchNormImpl::keep_counter_int64() {
+  if (num_batches_tracked.defined() && num_batches_tracked.scalar_type() != torch::kInt64) {
+    num_batches_tracked.set_data(num_batches_tracked.to(torch::kInt64));
+  }
+}
+
 void SyncBatchNormImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   set_dtype(dtype);
   torch::nn::Module::to(device, dtype, non_blocking);
+  keep_counter_int64();
 }
 
 void SyncBatchNormImpl::to(torch::Dtype dtype, bool non_blocking) {
   set_dtype(dtype);
   torch::nn::Module::to(dtype, non_blocking);
+  keep_counter_int64();
 }
 
 void SyncBatchNormImpl::reset_running_stats() {
@@ -306,10 +317,7 @@ void SyncBatchNormImpl::check_arguments(const torch::Tensor& input) {
 }
 
 torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
-  if (num_batches_tracked.defined() && num_batches_tracked.scalar_type() != torch::kInt64) {
-    // Module::to(dtype) converts every buffer, this counter too; the library counts in int64.
-    num_batches_tracked.set_data(num_batches_tracked.to(torch::kInt64));
-  }
+  keep_counter_int64();  // a parent module's to(dtype) converts it without calling ours
   check_arguments(input);
   if (!is_training()) return forward_eval(input);
   const bool channels_last = options_.channels_last();

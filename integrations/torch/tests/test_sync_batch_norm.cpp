@@ -361,6 +361,9 @@ void run_dtype_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
     const std::string at = std::string("after ->to(") + c10::toString(dtype) + ")";
     if (bn->dtype() != dtype) check.fail(at, "dtype() is not the new dtype");
     if (bn->weight.scalar_type() != dtype) check.fail(at, "weight is not of the new dtype");
+    if (bn->num_batches_tracked.scalar_type() != torch::kInt64) {
+      check.fail(at, "num_batches_tracked is not int64");
+    }
     try {
       const torch::Tensor y = bn(x(dtype));
       bn->check_async_error();

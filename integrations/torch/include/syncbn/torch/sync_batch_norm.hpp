@@ -129,6 +129,7 @@ class SyncBatchNormImpl : public torch::nn::Module {
  private:
   void check_arguments(const torch::Tensor& input);
   void set_dtype(torch::Dtype dtype);
+  void keep_counter_int64();
   torch::Tensor forward_eval(const torch::Tensor& input);
 
   SyncBatchNormOptions options_;
