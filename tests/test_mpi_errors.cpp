@@ -13,6 +13,7 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <ostream>
 #include <string>
@@ -216,6 +217,22 @@ TEST(CommCreate, BadArguments) {
   CommHandle comm = world_comm();  // and a good one still works afterwards
   PlanHandle plan = make_plan(comm.get(), default_config());
   expect_plan_still_works(plan.get(), Op::kForward);
+}
+
+// Ranks whose MPI differs in CUDA-awareness would sum a CUDA plan's buffer with different
+// collectives and never meet: the communicator is refused on every rank, naming the setting.
+// Runs in ctest mpi_errors.cuda_aware_differs.np2, which sets SYNCBN_MPI_CUDA_AWARE=1 on rank 1
+// only (and SYNCBN_TEST_CUDA_AWARE_DIFFERS on every rank); skips elsewhere.
+TEST(CommCreate, CudaAwarenessMustAgree) {
+  if (std::getenv("SYNCBN_TEST_CUDA_AWARE_DIFFERS") == nullptr) {
+    GTEST_SKIP() << "needs ranks that differ in SYNCBN_MPI_CUDA_AWARE";
+  }
+  syncbn_comm_t c = nullptr;
+  EXPECT_EQ(syncbn_comm_create_mpi(MPI_COMM_WORLD, &c), SYNCBN_ERROR_INVALID_ARGUMENT)
+      << rank_tag() << ": " << syncbn_last_error();
+  EXPECT_EQ(c, nullptr);
+  EXPECT_TRUE(message_names({"CUDA-aware", "SYNCBN_MPI_CUDA_AWARE"}));
+  syncbn_comm_destroy(c);
 }
 
 // ---- plan creation --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #include "comm/mpi.hpp"
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -270,12 +271,33 @@ std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm mpi_comm) {
   // timeout.
   auto dup = std::make_shared<MPI_Comm>(MPI_COMM_NULL);
   MPI_Request request = MPI_REQUEST_NULL;
+  const Deadline deadline{default_timeout_seconds()};
   check_mpi(MPI_Comm_idup(mpi_comm, dup.get(), &request), "MPI_Comm_idup");
-  mpi_wait(&request, Deadline{default_timeout_seconds()},
+  mpi_wait(&request, deadline,
            "MPI_Comm_idup over " + std::to_string(size) + " ranks (rank " + std::to_string(rank) +
                ")",
            dup);
-  return std::make_shared<MpiCommunicator>(*dup);
+  auto comm = std::make_shared<MpiCommunicator>(*dup);
+  // Every rank must sum a CUDA plan's device buffer the same way (a device pointer to
+  // MPI_Iallreduce, or pinned memory to the host allreduce): CUDA-awareness is a property of each
+  // process (its MPI library, SYNCBN_MPI_CUDA_AWARE), and ranks that differ would never meet in
+  // one collective. [aware, -aware] summed by MPI_MIN gives [min, -max].
+  auto aware = std::make_shared<std::array<int, 4>>();
+  (*aware)[0] = cuda_aware() ? 1 : 0;
+  (*aware)[1] = -(*aware)[0];
+  check_mpi(MPI_Iallreduce(aware->data(), aware->data() + 2, 2, MPI_INT, MPI_MIN, *dup, &request),
+            "MPI_Iallreduce");
+  mpi_wait(&request, deadline,
+           "syncbn_comm_create_mpi: MPI_Iallreduce over " + std::to_string(size) +
+               " ranks (rank " + std::to_string(rank) + ")",
+           aware);
+  if ((*aware)[2] != -(*aware)[3]) {
+    core::fail(SYNCBN_ERROR_INVALID_ARGUMENT,
+               std::string("mpi_comm: some ranks' MPI is CUDA-aware and some not (rank ") +
+                   std::to_string(rank) + ": " + ((*aware)[0] ? "CUDA-aware" : "not CUDA-aware") +
+                   "); set SYNCBN_MPI_CUDA_AWARE=0 (or 1) alike on every rank");
+  }
+  return comm;
 }
 
 }  // namespace syncbn::comm
