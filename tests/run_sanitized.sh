@@ -11,7 +11,8 @@
 #       single: the OpenMP CPU kernels of src/cpu/kernels.cpp through tests/cpu/, and the
 #       thread-rank custom communicators of test_custom_comm.cpp and test_thread_scenarios.cpp)
 #       at OMP_NUM_THREADS=2 and 4, then
-#       the MPI tests (ctest -L mpi). build-tsan/ (or $BUILD_DIR). Examples and benchmarks are not
+#       the MPI tests (ctest -L mpi). build-tsan/ (or $BUILD_DIR). Examples, the libtorch module
+#       (uninstrumented libtorch) and benchmarks are not
 #       built.
 #
 # Any sanitizer report fails the run: the test it happens in fails (halt_on_error), and a report
@@ -121,7 +122,8 @@ strict_string_checks=1:print_suppressions=0"
     # mpi_main.cpp) without a false report from MPI's internals (measured 2026-12-02).
     CC=clang CXX=clang++ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
           -DSYNCBN_SANITIZE=thread -DSYNCBN_WITH_CUDA=OFF \
-          -DSYNCBN_BUILD_EXAMPLES=OFF -DSYNCBN_BUILD_BENCH=OFF -DSYNCBN_PYTHON=
+          -DSYNCBN_BUILD_EXAMPLES=OFF -DSYNCBN_BUILD_BENCH=OFF -DSYNCBN_BUILD_TORCH=OFF \
+          -DSYNCBN_PYTHON=
     # FindOpenMP with clang: -fopenmp=libomp and LLVM's libomp.so, which archer hooks into (a
     # libgomp found here would make every parallel region a false report).
     grep -q '^OpenMP_CXX_FLAGS:.*=-fopenmp=libomp' "$build/CMakeCache.txt" &&

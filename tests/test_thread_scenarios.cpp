@@ -42,7 +42,11 @@ using ScenarioParam = std::tuple<int, syncbn_dtype_t, syncbn_layout_t, Scenario>
 class ThreadScenarios : public ::testing::TestWithParam<ScenarioParam> {};
 
 TEST_P(ThreadScenarios, MatchesReferenceOverGlobalBatch) {
-  const auto& [P, dtype, layout, sc] = GetParam();
+  // Named copies, not structured bindings: lambdas capture those only from C++20 on.
+  const int P = std::get<0>(GetParam());
+  const syncbn_dtype_t dtype = std::get<1>(GetParam());
+  const syncbn_layout_t layout = std::get<2>(GetParam());
+  const Scenario& sc = std::get<3>(GetParam());
   std::string why;
   if (!split_fits(P, sc.group_size, &why)) GTEST_SKIP() << why;
   auto world = std::make_shared<ThreadGroup>(P);          // the library's allreduce
@@ -92,8 +96,9 @@ using BadArgParam = std::tuple<int, ArgCase, bool>;  // P, the case, on the last
 class ThreadVerdicts : public ::testing::TestWithParam<BadArgParam> {};
 
 TEST_P(ThreadVerdicts, BadArgumentOnOneRankFailsEverywhere) {
-  const auto& [P, tc, last] = GetParam();
-  const int bad = last ? P - 1 : 0;
+  const int P = std::get<0>(GetParam());
+  const ArgCase& tc = std::get<1>(GetParam());
+  const int bad = std::get<2>(GetParam()) ? P - 1 : 0;
   auto world = std::make_shared<ThreadGroup>(P);
   auto checks = std::make_shared<ThreadGroup>(P);
   on_threads(P, [&](int rank) {
