@@ -128,6 +128,13 @@ SYNCBN_CPU_INSTANTIATE_KERNELS(float)
 SYNCBN_CPU_INSTANTIATE_KERNELS(double)
 
 // The workspace's growth, at the baseline instruction set (kernels.hpp).
+void reserve_memory(Workspace& ws, std::size_t sums, std::size_t groups_f32,
+                    std::size_t groups_f64) {
+  ws.sums.reserve(sums);
+  ws.groups_f32.reserve(groups_f32);
+  ws.groups_f64.reserve(groups_f64);
+}
+
 double* zeroed_sums(Workspace& ws, std::size_t n) {
   ws.sums.assign(n, 0.0);
   return ws.sums.data();

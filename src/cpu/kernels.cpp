@@ -300,9 +300,8 @@ void map_elements(const Geometry& g, const Op& op) {
 
 void reserve_workspace(Workspace& ws, std::int64_t channels) {
   const auto nt = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
-  ws.sums.reserve(nt * sums_stride(channels));
-  ws.groups_f32.reserve(nt * groups_stride<float>(channels));
-  ws.groups_f64.reserve(nt * groups_stride<double>(channels));
+  reserve_memory(ws, nt * sums_stride(channels), nt * groups_stride<float>(channels),
+                 nt * groups_stride<double>(channels));
 }
 
 namespace {

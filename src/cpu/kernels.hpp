@@ -22,11 +22,13 @@ struct Workspace {
   std::vector<double> groups_f64;   // the same for fp64 data (and fp32 data's fp64 fallback)
 };
 
-// The workspace's memory for a reduction: n zeroed partial sums; room for at least n group sums
-// of float or double (not zeroed). They grow the vectors, and are compiled once, at the baseline
+// The workspace's memory: capacity reserved ahead; for a reduction, n zeroed partial sums and
+// room for at least n group sums of float or double (not zeroed). They grow the vectors, and are compiled once, at the baseline
 // instruction set (dispatch.cpp): std::vector's out-of-line code instantiated in the kernels,
 // which are compiled per instruction set, would be a weak symbol the linker may take from the
 // AVX-512 object for every caller. Throw std::bad_alloc.
+void reserve_memory(Workspace& ws, std::size_t sums, std::size_t groups_f32,
+                    std::size_t groups_f64);
 double* zeroed_sums(Workspace& ws, std::size_t n);
 float* group_room(Workspace& ws, std::size_t n, float* /* tag */);
 double* group_room(Workspace& ws, std::size_t n, double* /* tag */);
