@@ -102,8 +102,9 @@
  * the self communicator. A plan's calls share its device memory, so they run in call order:
  * each call first waits (cudaStreamWaitEvent, on its stream) for the end of the plan's previous
  * call, whatever stream that used. Inside a CUDA graph capture no event is recorded or waited
- * on: the caller must order the launches of graphs that use one plan (one stream does). Over NCCL, ranks in calls of plans with different C enqueue
- * allreduces of different lengths, which NCCL does not detect: they hang rather than fail.
+ * on: the caller must order the launches of graphs that use one plan (one stream does). Over
+ * NCCL, ranks in calls of plans with different C enqueue allreduces of different lengths, which
+ * NCCL does not detect: they hang rather than fail.
  *
  * Threads. Handles are not thread-safe: one thread at a time per plan and per communicator. CPU
  * kernels run with OpenMP on omp_get_max_threads() threads. The last-error message is kept per

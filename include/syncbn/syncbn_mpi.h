@@ -22,8 +22,11 @@ extern "C" {
    deadline, or none (a rank with 0 and another with a deadline wait for each other forever). MPI must be
    initialized; the duplicate is freed by syncbn_comm_destroy (or, if MPI is finalized by then,
    or the communicator is broken, left to MPI). syncbn_comm_abort calls MPI_Abort(duplicate, 1).
+   The ranks then check that their MPI agrees on CUDA-awareness (Open MPI's
+   MPIX_Query_cuda_support, or SYNCBN_MPI_CUDA_AWARE=0|1 in the environment): CUDA plans hand
+   MPI the device pointer only where it is, and ranks that differ would never meet.
    Errors: SYNCBN_ERROR_INVALID_ARGUMENT (comm NULL, mpi_comm MPI_COMM_NULL, MPI not
-   initialized), SYNCBN_ERROR_COMM, SYNCBN_ERROR_TIMEOUT (some rank did not join in time; the
+   initialized, CUDA-awareness differing across ranks: on every rank), SYNCBN_ERROR_COMM, SYNCBN_ERROR_TIMEOUT (some rank did not join in time; the
    duplication is then left pending on mpi_comm, which must not be used for collectives again). */
 SYNCBN_API syncbn_status_t syncbn_comm_create_mpi(MPI_Comm mpi_comm, syncbn_comm_t* comm);
 
