@@ -140,6 +140,11 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
                                     "): the transport does not sum");
   }
   if (failed == 0) return;
+  if (failed < 0 || failed > group_size) {
+    fail(SYNCBN_ERROR_INTERNAL, "guard: the allreduce's count of failing ranks is not one of " +
+                                    std::to_string(group_size) +
+                                    " ranks: the transport does not sum");
+  }
   const std::string own = mine ? " (this rank, " + std::to_string(rank) + ": " +
                                      describe(mine.arg, mine.problem) +
                                      (mine.detail.empty() ? "" : "; " + mine.detail) + ")"
@@ -154,7 +159,12 @@ void check_error_record(const double* slots, int group_size, int rank, const Arg
   const auto problem = static_cast<Problem>(code & ((1u << kProblemBits) - 1));
   std::string who;
   if (failed == 1) {
-    who = "rank " + std::to_string(std::llround(slots[2]) - 1);
+    const double failing = std::round(slots[2]) - 1.0;  // garbage never reaches llround
+    if (!(failing >= 0.0 && failing < static_cast<double>(group_size))) {
+      fail(SYNCBN_ERROR_INTERNAL, "guard: the allreduce's failing rank is not a rank of the "
+                                  "group: the transport does not sum");
+    }
+    who = "rank " + std::to_string(static_cast<long long>(failing));
   } else if (failed == group_size) {
     who = "every rank";
   } else {

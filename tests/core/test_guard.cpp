@@ -212,6 +212,25 @@ TEST(Guard, GarbageSumsNeverPass) {
   }
 }
 
+// A garbage error record (the count of failing ranks, the failing rank's number) from a broken
+// transport is SYNCBN_ERROR_INTERNAL, with no arithmetic on the garbage (the fuzzer once reached
+// llround(NaN) - 1, a signed overflow, here).
+TEST(Guard, GarbageErrorRecordIsInternal) {
+  const int P = 4;
+  std::vector<Rank> ranks(P, Rank{Fingerprint{123, Op::backward, 9}, {}});
+  ranks[2].err = {Arg::weight, Problem::null, {}};
+  const std::vector<double> good = summed(ranks);
+  EXPECT_EQ(judge(good, P, 0, ranks[0]).status, SYNCBN_ERROR_INVALID_ARGUMENT);
+  for (std::size_t slot : {std::size_t{1}, std::size_t{2}}) {
+    for (double bad : {std::nan(""), 1e300, -1e300, -7.0, 0.5e19, 1e19}) {
+      std::vector<double> s = good;
+      s[slot] = bad;
+      EXPECT_EQ(judge(s, P, 0, ranks[0]).status, SYNCBN_ERROR_INTERNAL)
+          << "slot " << slot << " = " << bad;
+    }
+  }
+}
+
 // Every argument and problem round-trips through its 12-bit wire code.
 TEST(Guard, ErrorCodesFitTwelveBits) {
   for (int a = static_cast<int>(Arg::x); a <= static_cast<int>(Arg::other); ++a) {
