@@ -345,6 +345,27 @@ Expected normalize(const Geometry& g, const T* x, const std::vector<double>& mea
   return e;
 }
 
+// The fused activation on an expected forward output e: max(e + z, 0), or max(e, 0) without a
+// residual z (NULL). Scale: e's plus |z|.
+template <class T>
+Expected activate(Expected e, const T* z) {
+  for (size_t k = 0; k < e.value.size(); ++k) {
+    const double zk = z != nullptr ? static_cast<double>(z[k]) : 0.0;
+    const double v = e.value[k] + zk;
+    e.value[k] = v < 0.0 ? 0.0 : v;
+    e.scale[k] += std::fabs(zk);
+  }
+  return e;
+}
+
+// The relu's backward of dy given the forward's output y: dy where y > 0, else 0.
+template <class T>
+std::vector<T> relu_masked(const std::vector<T>& dy, const std::vector<double>& y) {
+  std::vector<T> g(dy.size());
+  for (size_t k = 0; k < dy.size(); ++k) g[k] = y[k] > 0.0 ? dy[k] : T(0);
+  return g;
+}
+
 // 1 / sqrt(running_var + eps): the eval-mode invstd.
 template <class P>
 std::vector<double> eval_invstd(const std::vector<P>& running_var, double eps) {

@@ -75,7 +75,17 @@ struct Scenario {
   // section 3), so far from zero even fp64 data only reaches what the design promises, 1e-5.
   double stats_rel = 0;
   bool default_stream = false;  // CUDA plans: stream NULL (the legacy default stream)
+  // The fused activation (the named-argument calls; y checked against relu(bn(x) [+ z]), the
+  // backward's g = dy (y > 0) from the y the library wrote, dz = g).
+  syncbn_activation_t activation = SYNCBN_ACTIVATION_NONE;
 };
+
+// sc with the fused activation act, named name.
+inline Scenario with_activation(Scenario sc, const char* name, syncbn_activation_t act) {
+  sc.name = name;
+  sc.activation = act;
+  return sc;
+}
 
 inline void PrintTo(const Scenario& sc, std::ostream* os) { *os << sc.name; }
 
@@ -131,7 +141,39 @@ inline const std::vector<Scenario>& scenarios() {
       {"mean_1e4", [](int r, int) { return RankBatch{r + 3, {16, 8}}; }, 0, true, true, 0.1,
        false, false, 1, 3, 1e4, 1e-5},
   };
-  return list;
+  // The fused activations over the same shapes: uneven and empty ranks (NULL pointers too),
+  // every spatial rank, no affine with cumulative momentum, global gradients, a subgroup, odd
+  // channel counts.
+  static const std::vector<Scenario> fused = [] {
+    constexpr syncbn_activation_t kRelu = SYNCBN_ACTIVATION_RELU;
+    constexpr syncbn_activation_t kAdd = SYNCBN_ACTIVATION_ADD_RELU;
+    auto named = [](const char* name) {
+      for (const Scenario& sc : list) {
+        if (std::string(sc.name) == name) return sc;
+      }
+      return list.front();
+    };
+    std::vector<Scenario> all = list;
+    all.push_back(with_activation(named("uneven_n"), "relu_uneven_n", kRelu));
+    all.push_back(with_activation(named("equal_0d"), "relu_0d", kRelu));
+    all.push_back(with_activation(named("equal_3d"), "add_relu_3d", kAdd));
+    all.push_back(with_activation(named("empty_rank1"), "add_relu_empty_rank1", kAdd));
+    all.push_back(with_activation(named("empty_rank1_null_pointers"),
+                                  "add_relu_empty_rank1_null_pointers", kAdd));
+    all.push_back(with_activation(named("different_n_and_spatial"),
+                                  "relu_different_n_and_spatial", kRelu));
+    all.push_back(with_activation(named("no_affine_cumulative"), "add_relu_no_affine_cumulative",
+                                  kAdd));
+    all.push_back(with_activation(named("global_param_grads_empty_rank1"),
+                                  "relu_global_param_grads_empty_rank1", kRelu));
+    all.push_back(with_activation(named("split2_uneven_global_grads"),
+                                  "add_relu_split2_uneven_global_grads", kAdd));
+    all.push_back(with_activation(named("c129_odd_spatial"), "add_relu_c129_odd_spatial", kAdd));
+    all.push_back(with_activation(named("six_steps_cumulative"), "relu_six_steps_cumulative",
+                                  kRelu));
+    return all;
+  }();
+  return fused;
 }
 
 // Whether a scenario that splits a world of `world` ranks into groups of group_size (0: no
@@ -168,6 +210,7 @@ inline syncbn_config_t scenario_config(const Scenario& sc, syncbn_dtype_t dtype,
   syncbn_config_t cfg = make_cfg(sc.channels, dtype, layout, sc.affine, sc.track, sc.momentum,
                                  1e-5, sc.global_grads);
   cfg.device = device;
+  cfg.activation = sc.activation;
   return cfg;
 }
 
@@ -249,6 +292,7 @@ class Draws {
   struct Step {
     std::vector<Geometry> g;             // per rank
     std::vector<std::vector<P>> x, dy;   // per rank, rounded to M::S
+    std::vector<std::vector<P>> z;       // per rank, ADD_RELU's residual (else empty)
     std::vector<ChannelValues> X, DY;    // per rank, the per-channel values
   };
 
@@ -267,6 +311,9 @@ class Draws {
         d->x.push_back(M::rounded(random_batch<P>(g, rng_, dist())));
         d->dy.push_back(with_grad ? M::rounded(random_batch<P>(g, rng_))
                                   : std::vector<P>(d->x.back().size()));
+        d->z.push_back(sc_.activation == SYNCBN_ACTIVATION_ADD_RELU
+                           ? M::rounded(random_batch<P>(g, rng_))
+                           : std::vector<P>());
         d->X.push_back(gather(g, d->x.back().data()));
         d->DY.push_back(gather(g, d->dy.back().data()));
         d->g.push_back(g);
@@ -360,7 +407,39 @@ class ScenarioRun {
     g_ = d.g[static_cast<size_t>(rank_)];
     x_ = d.x[static_cast<size_t>(rank_)];
     dy_ = d.dy[static_cast<size_t>(rank_)];
+    z_ = d.z[static_cast<size_t>(rank_)];
+    counts_.clear();
+    for (int r = group_.first(); r < group_.first() + k_; ++r) {
+      counts_.push_back(d.g[static_cast<size_t>(r)].count_per_channel());
+    }
   }
+
+  // The group's per-channel values of a tensor every rank holds its own slice of (in X_'s
+  // order), from this rank's: each rank fills its place, the test's own sum does the rest.
+  ChannelValues group_values(const std::vector<P>& mine) const {
+    const size_t C = static_cast<size_t>(sc_.channels);
+    int64_t total = 0, offset = 0;
+    for (size_t i = 0; i < counts_.size(); ++i) {
+      if (static_cast<int>(i) == rank_ - group_.first()) offset = total;
+      total += counts_[i];
+    }
+    std::vector<double> flat(C * static_cast<size_t>(total), 0.0);
+    const ChannelValues own = gather(g_, mine.data());
+    for (size_t ch = 0; ch < C && !own.empty(); ++ch) {
+      for (size_t i = 0; i < own[ch].size(); ++i) {
+        flat[ch * static_cast<size_t>(total) + static_cast<size_t>(offset) + i] = own[ch][i];
+      }
+    }
+    const std::vector<double> all = group_.sum(flat);  // exact: one non-zero term per slot
+    ChannelValues out(C);
+    for (size_t ch = 0; ch < C; ++ch) {
+      out[ch].assign(all.begin() + static_cast<std::ptrdiff_t>(ch * total),
+                     all.begin() + static_cast<std::ptrdiff_t>((ch + 1) * total));
+    }
+    return out;
+  }
+  bool fused() const { return sc_.activation != SYNCBN_ACTIVATION_NONE; }
+  bool add() const { return sc_.activation == SYNCBN_ACTIVATION_ADD_RELU; }
 
   // Data pointer for a local tensor: NULL or a valid dummy where it is empty.
   S* data(const Array<S>& a) const {
@@ -384,21 +463,42 @@ class ScenarioRun {
     const std::vector<P> out_c(C, P(-777));
 
     // ---- forward
-    Array<S> xd(M::storage(x_)), yd(n);
+    Array<S> xd(M::storage(x_)), yd(n), zd(M::storage(z_));
     yd.fill(sentinel);
     Array<P> smd(out_c), sid(out_c);
     const std::vector<P> rm_before = dev_.running_mean.download();
-    const syncbn_status_t fs = syncbn_forward_training(
-        plan, g_.ndim(), shape.data(), data(xd), weight(), bias(), data(yd), smd.data(),
-        sid.data(), sc_.track ? dev_.running_mean.data() : ign_rm_.data(),
-        sc_.track ? dev_.running_var.data() : ign_rv_.data(),
-        sc_.track ? dev_.num_batches_tracked.data() : nullptr, stream());
+    syncbn_status_t fs = SYNCBN_SUCCESS;
+    if (!fused()) {
+      fs = syncbn_forward_training(
+          plan, g_.ndim(), shape.data(), data(xd), weight(), bias(), data(yd), smd.data(),
+          sid.data(), sc_.track ? dev_.running_mean.data() : ign_rm_.data(),
+          sc_.track ? dev_.running_var.data() : ign_rv_.data(),
+          sc_.track ? dev_.num_batches_tracked.data() : nullptr, stream());
+    } else {
+      syncbn_forward_args_t fa{};
+      fa.ndim = g_.ndim();
+      fa.shape = shape.data();
+      fa.x = data(xd);
+      fa.z = add() ? data(zd) : nullptr;
+      fa.weight = weight();
+      fa.bias = bias();
+      fa.y = data(yd);
+      fa.save_mean = smd.data();
+      fa.save_invstd = sid.data();
+      fa.running_mean = sc_.track ? dev_.running_mean.data() : ign_rm_.data();
+      fa.running_var = sc_.track ? dev_.running_var.data() : ign_rv_.data();
+      fa.num_batches_tracked = sc_.track ? dev_.num_batches_tracked.data() : nullptr;
+      fa.stream = stream();
+      fs = syncbn_forward_training_ex(plan, &fa);
+    }
     EXPECT_EQ(fs, SYNCBN_SUCCESS) << syncbn_last_error();
     M::finish(plan, stream(), "forward_training");
 
     const std::vector<P> save_mean = smd.download(), save_invstd = sid.download();
-    const auto y_want = normalize(g_, x_.data(), stats.mean, stats.invstd, w_eff(), b_eff());
-    EXPECT_TRUE(all_close("y", M::values(yd), y_want, M::data));
+    auto y_want = normalize(g_, x_.data(), stats.mean, stats.invstd, w_eff(), b_eff());
+    if (fused()) y_want = activate(y_want, add() ? z_.data() : static_cast<const P*>(nullptr));
+    const std::vector<double> y_got = M::values(yd);
+    EXPECT_TRUE(all_close("y", y_got, y_want, M::data));
     EXPECT_TRUE(all_close("save_mean", save_mean, stats.mean, scaled(M::stats, stats.abs_mean)));
     EXPECT_TRUE(all_close("save_invstd", save_invstd, stats.invstd, Tol{stats_rel(), {}}));
     EXPECT_TRUE(group_.same_as_rank0("save_mean", save_mean));
@@ -422,20 +522,46 @@ class ScenarioRun {
     }
 
     // ---- backward, from the statistics the forward saved
+    // With an activation the batch-norm backward sees g = dy (y > 0), y as the library wrote it
+    // (the contract: the mask of the y passed in), over the whole group.
     const std::vector<double> mean = to_double(save_mean), invstd = to_double(save_invstd);
-    const GradSums global = grad_sums(X_, DY_, mean);
-    const GradSums local = grad_sums(gather(g_, x_.data()), gather(g_, dy_.data()), mean);
-    const auto dx_want = grad_input(g_, x_.data(), dy_.data(), w_eff(), mean, invstd, global);
-    Array<S> dyd(M::storage(dy_)), dxd(n);
+    const std::vector<P> g_mine = fused() ? relu_masked(dy_, y_got) : dy_;
+    const ChannelValues G = fused() ? group_values(g_mine) : DY_;
+    const GradSums global = grad_sums(X_, G, mean);
+    const GradSums local = grad_sums(gather(g_, x_.data()), gather(g_, g_mine.data()), mean);
+    const auto dx_want = grad_input(g_, x_.data(), g_mine.data(), w_eff(), mean, invstd, global);
+    Array<S> dyd(M::storage(dy_)), dxd(n), dzd(add() ? n : 0);
     dxd.fill(sentinel);
+    dzd.fill(sentinel);
     Array<P> dwd(out_c), dbd(out_c);
-    const syncbn_status_t bs = syncbn_backward(
-        plan, g_.ndim(), shape.data(), data(xd), data(dyd), weight(), smd.data(), sid.data(),
-        data(dxd), sc_.affine ? dwd.data() : nullptr, sc_.affine ? dbd.data() : nullptr,
-        stream());
+    syncbn_status_t bs = SYNCBN_SUCCESS;
+    if (!fused()) {
+      bs = syncbn_backward(plan, g_.ndim(), shape.data(), data(xd), data(dyd), weight(),
+                           smd.data(), sid.data(), data(dxd), sc_.affine ? dwd.data() : nullptr,
+                           sc_.affine ? dbd.data() : nullptr, stream());
+    } else {
+      syncbn_backward_args_t ba{};
+      ba.ndim = g_.ndim();
+      ba.shape = shape.data();
+      ba.x = data(xd);
+      ba.y = data(yd);
+      ba.dy = data(dyd);
+      ba.weight = weight();
+      ba.save_mean = smd.data();
+      ba.save_invstd = sid.data();
+      ba.dx = data(dxd);
+      ba.dz = add() ? data(dzd) : nullptr;
+      ba.dweight = sc_.affine ? dwd.data() : nullptr;
+      ba.dbias = sc_.affine ? dbd.data() : nullptr;
+      ba.stream = stream();
+      bs = syncbn_backward_ex(plan, &ba);
+    }
     EXPECT_EQ(bs, SYNCBN_SUCCESS) << syncbn_last_error();
     M::finish(plan, stream(), "backward");
     EXPECT_TRUE(all_close("dx", M::values(dxd), dx_want, M::data));
+    if (add()) {
+      EXPECT_TRUE(all_close("dz", M::values(dzd), to_double(g_mine), Tol{0.0, {}}));
+    }
 
     // Collectives below run on every rank whatever the configuration.
     const std::vector<P> dweight = dwd.download(), dbias = dbd.download();
@@ -478,13 +604,26 @@ class ScenarioRun {
       mean = stats.mean;
       invstd = stats.invstd;
     }
-    const auto want = normalize(g_, x_.data(), mean, invstd, w_eff(), b_eff());
-    Array<S> xd(M::storage(x_)), yd(x_.size());
+    auto want = normalize(g_, x_.data(), mean, invstd, w_eff(), b_eff());
+    if (fused()) want = activate(want, add() ? z_.data() : static_cast<const P*>(nullptr));
+    Array<S> xd(M::storage(x_)), yd(x_.size()), zd(M::storage(z_));
     yd.fill(M::from_double(-777));
-    EXPECT_EQ(syncbn_forward_inference(
-                  plan, g_.ndim(), g_.shape().data(), data(xd), weight(), bias(),
-                  sc_.track ? dev_.running_mean.data() : ign_rm_.data(),
-                  sc_.track ? dev_.running_var.data() : ign_rv_.data(), data(yd), stream()),
+    const auto shape = g_.shape();
+    syncbn_forward_args_t fa{};
+    fa.ndim = g_.ndim();
+    fa.shape = shape.data();
+    fa.x = data(xd);
+    fa.z = add() ? data(zd) : nullptr;
+    fa.weight = weight();
+    fa.bias = bias();
+    fa.y = data(yd);
+    fa.running_mean = sc_.track ? dev_.running_mean.data() : ign_rm_.data();
+    fa.running_var = sc_.track ? dev_.running_var.data() : ign_rv_.data();
+    fa.stream = stream();
+    EXPECT_EQ(fused() ? syncbn_forward_inference_ex(plan, &fa)
+                      : syncbn_forward_inference(plan, fa.ndim, fa.shape, fa.x, fa.weight,
+                                                 fa.bias, fa.running_mean, fa.running_var, fa.y,
+                                                 fa.stream),
               SYNCBN_SUCCESS)
         << syncbn_last_error();
     M::finish(plan, stream(), "forward_inference");
@@ -510,8 +649,9 @@ class ScenarioRun {
   typename M::Stream stream_;
   // This step's local slice and the group's per-channel values.
   Geometry g_;
-  std::vector<P> x_, dy_;
+  std::vector<P> x_, dy_, z_;
   ChannelValues X_, DY_;
+  std::vector<int64_t> counts_;  // the group's per-channel counts, rank by rank
 };
 
 // Runs scenario sc with data of type T on CPU plans over world.

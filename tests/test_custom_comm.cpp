@@ -390,8 +390,9 @@ TEST(CustomComm, ReleaseAfterLastReference) {
   EXPECT_EQ(released_count().load(), before + 1);
 }
 
-// The C++ wrapper: a lambda as the allreduce; one allreduce per plan creation and per call; an
-// exception in it becomes SYNCBN_ERROR_COMM.
+// The C++ wrapper: a lambda as the allreduce; one allreduce per plan creation and per call once
+// the plan's shared shift is near the data (its first call may redo its sums around the batch
+// mean: a second allreduce); an exception in it becomes SYNCBN_ERROR_COMM.
 TEST(CustomComm, CppWrapper) {
   int calls = 0;
   bool throw_next = false;
@@ -406,7 +407,11 @@ TEST(CustomComm, CppWrapper) {
   EXPECT_EQ(calls, 1);
   RankCall call(0);
   EXPECT_EQ(call.forward(bn.get()), SYNCBN_SUCCESS) << syncbn_last_error();
-  EXPECT_EQ(calls, 2);
+  const int first = calls - 1;
+  EXPECT_TRUE(first == 1 || first == 2) << first;
+  RankCall again(0);
+  EXPECT_EQ(again.forward(bn.get()), SYNCBN_SUCCESS) << syncbn_last_error();
+  EXPECT_EQ(calls, 1 + first + 1);
   throw_next = true;
   RankCall failing(0);
   EXPECT_EQ(failing.forward(bn.get()), SYNCBN_ERROR_COMM);

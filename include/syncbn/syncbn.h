@@ -16,7 +16,8 @@
  *     running_var  = (1 - a) running_var  + a var_c m / (m - 1)   (unbiased, global m)
  *   with a = momentum, or 1 / num_batches_tracked when momentum is SYNCBN_MOMENTUM_CUMULATIVE.
  * Local sums are accumulated in fp64 and ONE allreduce(SUM) of an fp64 buffer of 2C + 18
- * values ([17 guard slots | sum x | sum x^2 | m]) combines them, whatever the number of ranks.
+ * values ([17 guard slots | sum (x - K) | sum (x - K)^2 | m], K the shared shift, see
+ * Precision) combines them, whatever the number of ranks (two where the shift must be refined).
  * Backward likewise makes one allreduce of [guards | sum dy | sum dy (x - mean) | m].
  *
  * Shapes and layouts. A tensor is described by ndim (2 to 5) and shape[ndim], dense and
@@ -47,11 +48,15 @@
  * that rank has no group to tell, returns SYNCBN_ERROR_INVALID_ARGUMENT at once, and its peers
  * will wait.
  *
- * Precision. Local sums are fp64 around a per-rank shift (no cancellation over millions of
- * values; CPU plans first sum groups of 16 rows in the data type where the inner size is 1,
+ * Precision. Sums are taken around a per-channel shift identical on every rank and near the
+ * mean (the plan's previous mean rounded to the data type; a call whose batch mean is more than
+ * 2 standard deviations from it redoes its sums around that mean, with a second allreduce: a
+ * plan's first call, a jump in the data; CUDA plans on their first training call only), in fp64
+ * (CPU plans first sum groups of 16 rows in the data type where the inner size is 1,
  * channels-last or (N, C), redoing them in fp64 if fp32 overflows; CUDA plans sum vectors of
- * rows in fp32); fp32 data with mean/std = 1e4 keeps its variance to about 1e-7
- * relative. Outputs are (x - center) * scale + shift with the rounding of center folded into
+ * rows in fp32), and reduced as they are: fp64 data at mean/std 1e4 (1e6) keeps its variance to
+ * 1e-13 (1e-10) relative, fp32 data at 1e4 to 1e-6, a constant channel normalizes to exactly 0.
+ * Outputs are (x - center) * scale + shift with the rounding of center folded into
  * shift in fp64. Saved statistics are of the parameter type, so backward of fp32 data centers on
  * the fp32-rounded mean: dweight and the projection term of dx carry a relative error of about
  * 6e-8 * |mean| / std (as in cuDNN and PyTorch).
@@ -206,6 +211,18 @@ typedef enum syncbn_device {
   SYNCBN_DEVICE_RANGE_MAX_ = 2147483647
 } syncbn_device_t;
 
+/* An activation fused into the layer's elementwise passes (oneDNN's fuse_norm_relu and
+   fuse_norm_add_relu, cuDNN's CUDNN_BATCHNORM_OPS_BN_ACTIVATION and _BN_ADD_ACTIVATION): one
+   read and write of the tensor fewer per op than batch norm followed by separate ops. */
+typedef enum syncbn_activation {
+  SYNCBN_ACTIVATION_NONE = 0,     /* y = bn(x) */
+  SYNCBN_ACTIVATION_RELU = 1,     /* y = max(bn(x), 0) */
+  SYNCBN_ACTIVATION_ADD_RELU = 2, /* y = max(bn(x) + z, 0), z the residual (shortcut) input */
+  /* Not values: they give the enumeration the range of int (see syncbn_status_t). */
+  SYNCBN_ACTIVATION_RANGE_MIN_ = -2147483647 - 1,
+  SYNCBN_ACTIVATION_RANGE_MAX_ = 2147483647
+} syncbn_activation_t;
+
 /* momentum value meaning "unset": running statistics are the cumulative average,
    a = 1 / num_batches_tracked (PyTorch's momentum=None). A quiet NaN. */
 #define SYNCBN_MOMENTUM_CUMULATIVE ((double)NAN)
@@ -224,6 +241,7 @@ typedef struct syncbn_config {
   int global_param_grads;    /* nonzero: dweight / dbias summed over the group; 0 (default):
                                 local to this rank, as PyTorch's SyncBatchNorm, for trainers
                                 that average parameter gradients themselves */
+  syncbn_activation_t activation; /* default SYNCBN_ACTIVATION_NONE (since 0.4) */
 } syncbn_config_t;
 
 typedef struct syncbn_comm_s* syncbn_comm_t;
@@ -360,7 +378,7 @@ SYNCBN_API syncbn_status_t syncbn_comm_size(syncbn_comm_t comm, int* size);
    num_features must be at most (INT_MAX - 64) / 2, so that the buffer fits one MPI call.
    Validates config on every rank and checks that all
    ranks agree on num_features, dtype, layout, device, eps, momentum, affine,
-   track_running_stats and global_param_grads. Errors (on every rank alike):
+   track_running_stats, global_param_grads and activation. Errors (on every rank alike):
    SYNCBN_ERROR_INVALID_ARGUMENT (a rank's config is invalid: the message names rank and
    field), SYNCBN_ERROR_CONFIG_MISMATCH (valid but different: the message names the field),
    SYNCBN_ERROR_NOT_SUPPORTED (dtype or device this build lacks), SYNCBN_ERROR_OUT_OF_MEMORY
@@ -399,7 +417,8 @@ SYNCBN_API syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void*
 
 /* ---- Batch normalization -------------------------------------------------------------------- */
 
-/* COLLECTIVE (one allreduce of 2C + 18 doubles). Forward in training mode.
+/* COLLECTIVE (one allreduce of 2C + 18 doubles; two where the shared shift is refined, see
+   Precision above). Forward in training mode.
      x      [in]  data, shape[ndim] in the plan's layout and dtype
      weight [in]  C params (gamma); ignored (may be NULL) when affine is off
      bias   [in]  C params (beta);  ignored (may be NULL) when affine is off
@@ -458,6 +477,75 @@ SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const i
                                            const void* save_mean, const void* save_invstd,
                                            void* dx, void* dweight, void* dbias, void* stream);
 
+/* ---- Batch normalization with named arguments (and fused activations) ---------------------- */
+
+/* syncbn_forward_training, syncbn_forward_inference and syncbn_backward above are the calls
+   below with z, y and dz NULL: on a plan with an activation the forwards apply it (ADD_RELU
+   then fails for want of z), and backward fails for want of y. */
+
+/* The arguments of syncbn_forward_training_ex and syncbn_forward_inference_ex: those of
+   syncbn_forward_training, by name, plus the residual input z. Zero-initialize the struct
+   (= {0} in C, {} in C++) and set what the call uses, so that fields added later stay NULL.
+     z  [in] SYNCBN_ACTIVATION_ADD_RELU: the residual, same shape, layout and dtype as x (may
+             equal y); otherwise must be NULL. */
+typedef struct syncbn_forward_args {
+  int ndim;
+  const int64_t* shape;
+  const void* x;
+  const void* z;
+  const void* weight;
+  const void* bias;
+  void* y;
+  void* save_mean;           /* training only */
+  void* save_invstd;         /* training only */
+  void* running_mean;        /* [in/out] in training, [in] in inference */
+  void* running_var;         /* [in/out] in training, [in] in inference */
+  int64_t* num_batches_tracked; /* training only */
+  void* stream;
+} syncbn_forward_args_t;
+
+/* The arguments of syncbn_backward_ex: those of syncbn_backward, by name, plus
+     y   [in]  SYNCBN_ACTIVATION_RELU / _ADD_RELU: the forward's output, whose mask y > 0
+               gates dy (relu'(0) = 0, as PyTorch's threshold_backward); otherwise must be NULL
+     dz  [out] SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient dy * (y > 0), optional (NULL:
+               not computed; may equal dy, not dx); otherwise must be NULL. */
+typedef struct syncbn_backward_args {
+  int ndim;
+  const int64_t* shape;
+  const void* x;
+  const void* y;
+  const void* dy;
+  const void* weight;
+  const void* save_mean;
+  const void* save_invstd;
+  void* dx;
+  void* dz;
+  void* dweight;
+  void* dbias;
+  void* stream;
+} syncbn_backward_args_t;
+
+/* syncbn_forward_training with the plan's activation fused into its normalize pass:
+     y = act(bn(x)), or act(bn(x) + z) with SYNCBN_ACTIVATION_ADD_RELU,
+   bn(x) as above (statistics, running statistics and saved statistics are those of bn; the
+   activation changes y only). COLLECTIVE, with the same errors, guarantees and allreduce
+   (args NULL on a rank: SYNCBN_ERROR_INVALID_ARGUMENT there, naming "args", and every rank
+   fails alike). */
+SYNCBN_API syncbn_status_t syncbn_forward_training_ex(syncbn_plan_t plan,
+                                                      const syncbn_forward_args_t* args);
+
+/* syncbn_forward_inference with the plan's activation (save_*, num_batches_tracked ignored).
+   Never collective. */
+SYNCBN_API syncbn_status_t syncbn_forward_inference_ex(syncbn_plan_t plan,
+                                                       const syncbn_forward_args_t* args);
+
+/* syncbn_backward of a fused forward: with g = dy * (y > 0) (the activation's backward, in the
+   same passes), the batch-norm backward of g: dx, dweight and dbias as syncbn_backward gives
+   them for dy = g, and dz = g. Without an activation it is syncbn_backward. COLLECTIVE, with
+   the same errors and guarantees (dz too is left as it was on error). */
+SYNCBN_API syncbn_status_t syncbn_backward_ex(syncbn_plan_t plan,
+                                              const syncbn_backward_args_t* args);
+
 /* ---- Arguments the caller rejects ----------------------------------------------------------- */
 
 /* The calls of a plan, for syncbn_plan_reject_call. */
@@ -491,7 +579,7 @@ typedef enum syncbn_problem {
      call      the call this rank was about to make
      argument  the C API's name of the argument ("x", "dy", "weight", "bias", "running_mean",
                "running_var", "num_batches_tracked", "save_mean", "save_invstd", "y", "dx",
-               "dweight", "dbias"); NULL or another name is reported as "an argument"
+               "dweight", "dbias", "z", "dz"); NULL or another name is reported as "an argument"
      problem   what is wrong (another value is reported as "rejected by the caller")
      detail    text for this rank's message only (may be NULL), e.g. "float64, plan float32"
      stream    as for the call: NULL for CPU plans, the cudaStream_t for CUDA plans

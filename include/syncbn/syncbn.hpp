@@ -121,7 +121,7 @@ inline Communicator custom_communicator(int rank, int size, AllreduceFunction al
 }
 
 // The defaults of syncbn_config_init: eps 1e-5, momentum 0.1, affine, track_running_stats,
-// channels-first, CPU, local parameter gradients.
+// channels-first, CPU, local parameter gradients, no activation.
 inline syncbn_config_t make_config(int64_t num_features, syncbn_dtype_t dtype = SYNCBN_FLOAT32) {
   syncbn_config_t c;
   check(syncbn_config_init(&c, num_features, dtype));
@@ -174,6 +174,22 @@ class BatchNorm {
     check(syncbn_backward(get(), static_cast<int>(shape.size()), shape.data(), x, dy, weight,
                           save_mean, save_invstd, dx, dweight, dbias, stream));
   }
+
+  // The named-argument calls (syncbn_forward_training_ex, ...): every argument by name, and the
+  // fused activation's z (forward), y and dz (backward). Zero-initialize the struct ({}).
+  //   syncbn_forward_args_t a{};
+  //   a.ndim = 4; a.shape = shape; a.x = x; a.z = residual; a.y = y; ...
+  //   bn.forward_training(a);
+  // COLLECTIVE.
+  void forward_training(const syncbn_forward_args_t& args) {
+    check(syncbn_forward_training_ex(get(), &args));
+  }
+  // Never collective.
+  void forward_inference(const syncbn_forward_args_t& args) {
+    check(syncbn_forward_inference_ex(get(), &args));
+  }
+  // COLLECTIVE.
+  void backward(const syncbn_backward_args_t& args) { check(syncbn_backward_ex(get(), &args)); }
 
   // syncbn_plan_reject_call: takes part in call as a rank that rejected argument (COLLECTIVE
   // where call is). Always throws the group's error.

@@ -11,7 +11,8 @@ import functools
 import os
 import threading
 
-__all__ = ["Status", "SyncBNError", "Plan", "Config", "lib", "check", "library_path"]
+__all__ = ["Status", "SyncBNError", "Plan", "Config", "ForwardArgs", "BackwardArgs", "lib", "check",
+           "library_path"]
 
 
 class Status(enum.IntEnum):
@@ -40,10 +41,12 @@ class SyncBNError(RuntimeError):
         super().__init__(f"SYNCBN_ERROR_{self.status.name}: {message}")
 
 
-# syncbn_dtype_t, syncbn_layout_t, syncbn_device_t, syncbn_call_t, syncbn_problem_t
+# syncbn_dtype_t, syncbn_layout_t, syncbn_device_t, syncbn_activation_t, syncbn_call_t,
+# syncbn_problem_t
 FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3
 CHANNELS_FIRST, CHANNELS_LAST = 0, 1
 DEVICE_CPU, DEVICE_CUDA = 0, 1
+ACTIVATION_NONE, ACTIVATION_RELU, ACTIVATION_ADD_RELU = 0, 1, 2
 CALL_FORWARD_TRAINING, CALL_FORWARD_INFERENCE, CALL_BACKWARD = 1, 2, 3
 PROBLEM_DTYPE, PROBLEM_DEVICE, PROBLEM_LAYOUT, PROBLEM_SHAPE = 1, 2, 3, 4
 MOMENTUM_CUMULATIVE = float("nan")
@@ -62,10 +65,54 @@ class Config(ctypes.Structure):
         ("affine", ctypes.c_int),
         ("track_running_stats", ctypes.c_int),
         ("global_param_grads", ctypes.c_int),
+        ("activation", ctypes.c_int),  # syncbn_activation_t (since 0.4)
     ]
 
 
 _p = ctypes.c_void_p
+
+
+class ForwardArgs(ctypes.Structure):
+    """syncbn_forward_args_t: the arguments of syncbn_forward_training_ex and
+    syncbn_forward_inference_ex (ctypes zero-initializes it: every field NULL until set)."""
+
+    _fields_ = [
+        ("ndim", ctypes.c_int),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("x", _p),
+        ("z", _p),
+        ("weight", _p),
+        ("bias", _p),
+        ("y", _p),
+        ("save_mean", _p),
+        ("save_invstd", _p),
+        ("running_mean", _p),
+        ("running_var", _p),
+        ("num_batches_tracked", _p),  # int64_t*
+        ("stream", _p),
+    ]
+
+
+class BackwardArgs(ctypes.Structure):
+    """syncbn_backward_args_t: the arguments of syncbn_backward_ex."""
+
+    _fields_ = [
+        ("ndim", ctypes.c_int),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("x", _p),
+        ("y", _p),
+        ("dy", _p),
+        ("weight", _p),
+        ("save_mean", _p),
+        ("save_invstd", _p),
+        ("dx", _p),
+        ("dz", _p),
+        ("dweight", _p),
+        ("dbias", _p),
+        ("stream", _p),
+    ]
+
+
 _status = ctypes.c_int
 ALLREDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _p, ctypes.c_size_t, ctypes.c_int, _p, _p)
 SPLIT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(_p))
@@ -109,12 +156,9 @@ def _load():
         "syncbn_plan_create": (_status, [_p, ctypes.POINTER(Config), ctypes.POINTER(_p)]),
         "syncbn_plan_destroy": (_status, [_p]),
         "syncbn_plan_get_async_error": (_status, [_p, _p, ctypes.POINTER(ctypes.c_int)]),
-        "syncbn_forward_training": (_status, [_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
-                                    + [_p] * 10),
-        "syncbn_forward_inference": (_status, [_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
-                                     + [_p] * 7),
-        "syncbn_backward": (_status, [_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
-                            + [_p] * 9),
+        "syncbn_forward_training_ex": (_status, [_p, ctypes.POINTER(ForwardArgs)]),
+        "syncbn_forward_inference_ex": (_status, [_p, ctypes.POINTER(ForwardArgs)]),
+        "syncbn_backward_ex": (_status, [_p, ctypes.POINTER(BackwardArgs)]),
         "syncbn_plan_reject_call": (_status, [_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                                               ctypes.c_char_p, _p]),
     }
@@ -188,19 +232,27 @@ class Plan:
         """syncbn_plan_set_name: every message of this plan's calls starts with name."""
         check(lib.syncbn_plan_set_name(self.handle, (name or "").encode()))
 
-    def forward_training(self, shape, x, weight, bias, y, save_mean, save_invstd, running_mean,
-                         running_var, num_batches_tracked, stream):
-        check(lib.syncbn_forward_training(self.handle, len(shape), shape_array(shape), x, weight,
-                                          bias, y, save_mean, save_invstd, running_mean,
-                                          running_var, num_batches_tracked, stream))
+    # The calls, by name: every layer (whatever its activation) goes through the _ex functions.
+    # Arguments are addresses (int) or None for NULL; fields not given stay NULL.
 
-    def forward_inference(self, shape, x, weight, bias, running_mean, running_var, y, stream):
-        check(lib.syncbn_forward_inference(self.handle, len(shape), shape_array(shape), x,
-                                           weight, bias, running_mean, running_var, y, stream))
+    def forward_training(self, shape, **args):
+        """syncbn_forward_training_ex (COLLECTIVE). args: the fields of syncbn_forward_args_t
+        (x, z, weight, bias, y, save_mean, save_invstd, running_mean, running_var,
+        num_batches_tracked, stream)."""
+        a = _args(ForwardArgs, shape, args)
+        check(lib.syncbn_forward_training_ex(self.handle, ctypes.byref(a)))
 
-    def backward(self, shape, x, dy, weight, save_mean, save_invstd, dx, dweight, dbias, stream):
-        check(lib.syncbn_backward(self.handle, len(shape), shape_array(shape), x, dy, weight,
-                                  save_mean, save_invstd, dx, dweight, dbias, stream))
+    def forward_inference(self, shape, **args):
+        """syncbn_forward_inference_ex (local): x, z, weight, bias, running_mean, running_var,
+        y, stream."""
+        a = _args(ForwardArgs, shape, args)
+        check(lib.syncbn_forward_inference_ex(self.handle, ctypes.byref(a)))
+
+    def backward(self, shape, **args):
+        """syncbn_backward_ex (COLLECTIVE): x, y, dy, weight, save_mean, save_invstd, dx, dz,
+        dweight, dbias, stream."""
+        a = _args(BackwardArgs, shape, args)
+        check(lib.syncbn_backward_ex(self.handle, ctypes.byref(a)))
 
     def reject_call(self, call, argument, problem, detail, stream):
         """syncbn_plan_reject_call: always raises SyncBNError (on every rank of the group for
@@ -216,7 +268,18 @@ class Plan:
         check(status.value)
 
 
-def make_config(num_features, dtype, layout, device, eps, momentum, affine, track):
+def _args(struct, shape, fields):
+    """A ForwardArgs or BackwardArgs for shape with the given fields (addresses, None: NULL).
+    The shape array is kept on the struct, alive for the call."""
+    a = struct(**fields)
+    a._shape = shape_array(shape)
+    a.ndim = len(shape)
+    a.shape = ctypes.cast(a._shape, ctypes.POINTER(ctypes.c_int64))
+    return a
+
+
+def make_config(num_features, dtype, layout, device, eps, momentum, affine, track,
+                activation=ACTIVATION_NONE):
     """A syncbn_config_t from syncbn_config_init's defaults and the given fields."""
     config = Config()
     check(lib.syncbn_config_init(ctypes.byref(config), num_features, dtype))
@@ -226,4 +289,5 @@ def make_config(num_features, dtype, layout, device, eps, momentum, affine, trac
     config.momentum = MOMENTUM_CUMULATIVE if momentum is None else momentum
     config.affine = int(bool(affine))
     config.track_running_stats = int(bool(track))
+    config.activation = activation
     return config

@@ -12,6 +12,12 @@ of ranks (torch.nn.SyncBatchNorm allgathers P x (2C + 1) values), on CPU (float3
 CUDA (float16, bfloat16, float32, float64 data; float32 parameters for the 16-bit types).
 Input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), contiguous or in torch.channels_last /
 channels_last_3d memory (no copy; the output keeps the input's strides); N may be 0 on any rank.
+
+SyncBatchNormReLU (relu(bn(x))) and SyncBatchNormAddReLU (relu(bn(x) + z), z the residual) are
+SyncBatchNorm with the activation fused into syncbn's passes (syncbn_activation_t): the same
+statistics, allreduces, parameters and buffers, one read and write of the tensor fewer per op
+than batch norm followed by separate ops. convert_sync_batchnorm maps timm's BatchNormAct2d with
+a ReLU onto SyncBatchNormReLU.
 """
 
 import math
@@ -32,8 +38,8 @@ except ImportError:  # pragma: no cover
     dist = None
     Join = JoinHook = Joinable = object
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "SyncBatchNormJoinable",
-           "check_async_errors", "init_process_group_mpi"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU", "convert_sync_batchnorm",
+           "SyncBatchNormJoinable", "check_async_errors", "init_process_group_mpi"]
 
 _DTYPE_CODES = {torch.float32: _capi.FLOAT32, torch.float64: _capi.FLOAT64,
                 torch.float16: _capi.FLOAT16, torch.bfloat16: _capi.BFLOAT16}
@@ -95,7 +101,7 @@ class _PlanSet:
     and ranks whose inputs disagree fail with SYNCBN_ERROR_CALL_MISMATCH instead of waiting."""
 
     def __init__(self, comm, num_features, key, name=None):
-        param_dtypes, device, eps, momentum, affine, track = key
+        param_dtypes, device, eps, momentum, affine, track, activation = key
         self.comm = comm
         self.key = key
         self.device = device
@@ -107,7 +113,7 @@ class _PlanSet:
                         config = _capi.make_config(
                             num_features, _DTYPE_CODES[dtype], layout,
                             _capi.DEVICE_CUDA if device.type == "cuda" else _capi.DEVICE_CPU,
-                            eps, momentum, affine, track)
+                            eps, momentum, affine, track, activation)
                         plan = _capi.Plan(comm, config)
                         if name:
                             plan.set_name(name)
@@ -150,43 +156,57 @@ class _on_device:
 
 
 class _Function(torch.autograd.Function):
-    """One syncbn forward (training) and, in backward, one syncbn backward."""
+    """One syncbn forward (training) and, in backward, one syncbn backward, through the named-
+    argument calls (syncbn_forward_training_ex, syncbn_backward_ex) for every layer: activation
+    is the plan's (_capi.ACTIVATION_*), z the residual (ADD_RELU; None otherwise). With an
+    activation the output y is saved for backward, whose mask y > 0 the library applies to dy
+    (relu'(0) = 0, as torch's threshold_backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, key, plan, param_dtype):
+    def forward(ctx, x, z, weight, bias, layer, key, plan, param_dtype, activation):
         layout = key[1]
         shape = _shape(x, layout)
         C = layer.num_features
         y = torch.empty_like(x)  # dense x: y gets its strides, so its memory format
         save_mean = torch.empty(C, dtype=param_dtype, device=x.device)
         save_invstd = torch.empty(C, dtype=param_dtype, device=x.device)
+        running_mean, running_var, num_batches_tracked = layer._running_statistics()
         with _on_device(x.device):
-            plan.forward_training(shape, x.data_ptr(), _address(weight), _address(bias),
-                                  y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
-                                  *layer._running_statistics(), _stream(x.device))
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+            plan.forward_training(
+                shape, x=x.data_ptr(), z=_address(z), weight=_address(weight),
+                bias=_address(bias), y=y.data_ptr(), save_mean=save_mean.data_ptr(),
+                save_invstd=save_invstd.data_ptr(), running_mean=running_mean,
+                running_var=running_var, num_batches_tracked=num_batches_tracked,
+                stream=_stream(x.device))
+        fused = activation != _capi.ACTIVATION_NONE
+        ctx.save_for_backward(x, weight, save_mean, save_invstd, y if fused else None)
         ctx.plan, ctx.key, ctx.layer = plan, key, layer
+        ctx.activation = activation
         layer._record("forward", key)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        x, weight, save_mean, save_invstd, y = ctx.saved_tensors
         if dy.stride() != x.stride():  # dy in x's layout (a copy only if it is not)
             dy = torch.empty_like(x).copy_(dy)
         dx = torch.empty_like(x)
-        need_w = weight is not None and ctx.needs_input_grad[1]
-        need_b = weight is not None and ctx.needs_input_grad[2]
+        need_w = weight is not None and ctx.needs_input_grad[2]
+        need_b = weight is not None and ctx.needs_input_grad[3]
         dweight = torch.empty_like(weight) if need_w else None
         dbias = torch.empty_like(weight) if need_b else None
+        need_z = ctx.activation == _capi.ACTIVATION_ADD_RELU and ctx.needs_input_grad[1]
+        dz = torch.empty_like(x) if need_z else None
         with _on_device(x.device):
-            ctx.plan.backward(_shape(x, ctx.key[1]), x.data_ptr(), dy.data_ptr(),
-                              _address(weight), save_mean.data_ptr(), save_invstd.data_ptr(),
-                              dx.data_ptr(), _address(dweight), _address(dbias),
-                              _stream(x.device))
+            ctx.plan.backward(
+                _shape(x, ctx.key[1]), x=x.data_ptr(), y=_address(y), dy=dy.data_ptr(),
+                weight=_address(weight), save_mean=save_mean.data_ptr(),
+                save_invstd=save_invstd.data_ptr(), dx=dx.data_ptr(), dz=_address(dz),
+                dweight=_address(dweight), dbias=_address(dbias), stream=_stream(x.device))
         ctx.layer._record("backward", ctx.key)
-        return (dx if ctx.needs_input_grad[0] else None), dweight, dbias, None, None, None, None
+        return ((dx if ctx.needs_input_grad[0] else None), dz, dweight, dbias,
+                None, None, None, None, None)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -220,6 +240,10 @@ class SyncBatchNorm(_BatchNorm):
         (CALL_MISMATCH: the layer then makes new plans at its next call). Running statistics
         are unchanged on every rank then.
     """
+
+    # The activation fused into the layer's passes (syncbn_activation_t): the subclasses below
+    # set it; every plan of the layer is made with it.
+    _activation = _capi.ACTIVATION_NONE
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None,
@@ -263,7 +287,7 @@ class SyncBatchNorm(_BatchNorm):
         else:  # neither parameters nor running statistics: the input decides the device
             param_dtypes, device = (torch.float32, torch.float64), x.device
         return (param_dtypes, device, float(self.eps), self.momentum, bool(self.affine),
-                self._tracking())
+                self._tracking(), self._activation)
 
     def _plan_set(self, comm, x):
         """The layer's plans on comm for x's parameters, made (collectively) at the first call
@@ -285,19 +309,26 @@ class SyncBatchNorm(_BatchNorm):
             self._recorder._record(op, self, key)
 
     def forward(self, input):
-        if self.training:
-            return self._forward_training(input)
-        return self._forward_eval(input)
+        return self._forward(input, None)
 
-    def _forward_training(self, x):
+    def _forward(self, x, z):
+        """The one path of every layer: z is the residual of SyncBatchNormAddReLU, else None."""
+        if self.training:
+            return self._forward_training(x, z)
+        return self._forward_eval(x, z)
+
+    def _forward_training(self, x, z):
         plans = self._plan_set(self._communicator(), x)
         x, layout, settles = _layout(x, self._layout_hint)
         key, plan, param_dtype, problem = plans.pick(x, layout)
+        if problem is None and z is not None:
+            z, problem = _residual(x, z, plans.device)
         try:
             if problem is not None:
                 with _on_device(plans.device):
                     plan.reject_call(_capi.CALL_FORWARD_TRAINING, *problem, _stream(plans.device))
-            y = _Function.apply(x, self.weight, self.bias, self, key, plan, param_dtype)
+            y = _Function.apply(x, z, self.weight, self.bias, self, key, plan, param_dtype,
+                                self._activation)
         except SyncBNError as e:
             if e.status == Status.CALL_MISMATCH:  # the plans' sequences are out of step
                 self._plans = None
@@ -306,28 +337,39 @@ class SyncBatchNorm(_BatchNorm):
             self._layout_hint = layout
         return y
 
-    def _forward_eval(self, x):
+    def _forward_eval(self, x, z):
         track = self.running_mean is not None
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            p is not None and p.requires_grad for p in (self.weight, self.bias)))
+            p is not None and p.requires_grad for p in (self.weight, self.bias, z)))
         if needs_grad or (track and not self._tracking()):
             # Differentiable evaluation (fine-tuning with frozen statistics), or buffers kept
-            # while track_running_stats was turned off: torch's own batch norm, exactly.
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                not track, 0.0, self.eps)
+            # while track_running_stats was turned off: torch's own batch norm (and activation),
+            # exactly.
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             not track, 0.0, self.eps)
+            if self._activation == _capi.ACTIVATION_ADD_RELU:  # z as the C API would take it
+                problem = _residual(x, z, x.device)[1] if z is not None else (
+                    "z", None, "z is null: SyncBatchNormAddReLU takes the residual z")
+                if problem is not None:
+                    raise SyncBNError(Status.INVALID_ARGUMENT, problem[2])
+                y = y + z
+            return F.relu(y) if self._activation != _capi.ACTIVATION_NONE else y
         key = self._key(x)
         if self._local_plans is None or self._local_plans.key != key:
             self._local_plans = _PlanSet(_local_communicator(), self.num_features, key)
         x, layout, _ = _layout(x, self._layout_hint)
         _, plan, _, problem = self._local_plans.pick(x, layout)
         device = self._local_plans.device
+        if problem is None and z is not None:
+            z, problem = _residual(x, z, device)
         with _on_device(device):
             if problem is not None:
                 plan.reject_call(_capi.CALL_FORWARD_INFERENCE, *problem, _stream(device))
             y = torch.empty_like(x)
-            plan.forward_inference(_shape(x, layout), x.data_ptr(), _address(self.weight),
-                                   _address(self.bias), _address(self.running_mean),
-                                   _address(self.running_var), y.data_ptr(), _stream(device))
+            plan.forward_inference(
+                _shape(x, layout), x=x.data_ptr(), z=_address(z), weight=_address(self.weight),
+                bias=_address(self.bias), running_mean=_address(self.running_mean),
+                running_var=_address(self.running_var), y=y.data_ptr(), stream=_stream(device))
         return y
 
     # ---- Join: shadowing a step with empty batches ------------------------------------------
@@ -343,14 +385,67 @@ class SyncBatchNorm(_BatchNorm):
             if op == "forward":
                 self._shadow_saved = (torch.empty(C, dtype=param_dtype, device=device),
                                       torch.empty(C, dtype=param_dtype, device=device))
+                running_mean, running_var, num_batches_tracked = self._running_statistics()
                 plan.forward_training(
-                    (0, C), None, _address(self.weight), _address(self.bias), None,
-                    self._shadow_saved[0].data_ptr(), self._shadow_saved[1].data_ptr(),
-                    *self._running_statistics(), stream)
+                    (0, C), weight=_address(self.weight), bias=_address(self.bias),
+                    save_mean=self._shadow_saved[0].data_ptr(),
+                    save_invstd=self._shadow_saved[1].data_ptr(), running_mean=running_mean,
+                    running_var=running_var, num_batches_tracked=num_batches_tracked,
+                    stream=stream)
             else:
                 save_mean, save_invstd = self._shadow_saved
-                plan.backward((0, C), None, None, _address(self.weight), save_mean.data_ptr(),
-                              save_invstd.data_ptr(), None, None, None, stream)
+                plan.backward((0, C), weight=_address(self.weight),
+                              save_mean=save_mean.data_ptr(), save_invstd=save_invstd.data_ptr(),
+                              stream=stream)
+
+
+class SyncBatchNormReLU(SyncBatchNorm):
+    r"""relu(SyncBatchNorm(x)), with the ReLU fused into syncbn's normalize pass (forward) and
+    its mask into the backward passes (SYNCBN_ACTIVATION_RELU): the statistics, running
+    statistics, parameters, buffers, state_dict keys, arguments and errors of SyncBatchNorm.
+    Backward gates the output gradient with the saved output's y > 0 (relu'(0) = 0, as torch's
+    relu). Evaluation applies the ReLU too. convert_sync_batchnorm makes one from timm's
+    BatchNormAct2d with a ReLU.
+
+    Input: as SyncBatchNorm. Output: relu(bn(x)), x's shape, dtype and memory format.
+    """
+
+    _activation = _capi.ACTIVATION_RELU
+
+
+class SyncBatchNormAddReLU(SyncBatchNorm):
+    r"""relu(SyncBatchNorm(x) + z), z the residual (shortcut) input of a ResNet block, with the
+    addition and the ReLU fused into syncbn's passes (SYNCBN_ACTIVATION_ADD_RELU): the
+    statistics (of x alone), running statistics, parameters, buffers, state_dict keys,
+    arguments and errors of SyncBatchNorm. z gets its gradient, dy * (y > 0), and so do x,
+    weight and bias (through the batch norm of that). Evaluation applies the addition and ReLU.
+
+        out = bn2(conv2(out), identity)          # was: bn2(conv2(out)) + identity, then relu
+
+    forward(x, z): z of x's shape, dtype and device (any strides: copied into x's memory format
+    where they differ); a rank whose z is not raises syncbn.SyncBNError on every rank of the
+    group (INVALID_ARGUMENT, "rank R: z ...").
+    """
+
+    _activation = _capi.ACTIVATION_ADD_RELU
+
+    def forward(self, input, z):
+        return self._forward(input, z)
+
+
+def _residual(x, z, device):
+    """z in x's memory layout, and what is wrong with it for syncbn_plan_reject_call (None if
+    nothing): another device, dtype or shape than x."""
+    if z.device != device:
+        return z, ("z", _capi.PROBLEM_DEVICE, f"z is on {z.device}, the layer on {device}")
+    if z.dtype != x.dtype:
+        return z, ("z", _capi.PROBLEM_DTYPE, f"z is {z.dtype}, x {x.dtype}")
+    if z.shape != x.shape:
+        return z, ("z", _capi.PROBLEM_SHAPE,
+                   f"z has shape {tuple(z.shape)}, x {tuple(x.shape)}")
+    if z.stride() != x.stride():  # z in x's layout (a copy only if it is not)
+        z = torch.empty_like(x).copy_(z)
+    return z, None
 
 
 _default_comms = {}
@@ -429,31 +524,50 @@ def convert_sync_batchnorm(module, process_group=None, communicator=None):
     syncbn.torch.SyncBatchNorm holding the same Parameter objects (so requires_grad and
     optimizer state carry over) and buffers, with the same training flag. Returns the module.
 
-    A _BatchNorm subclass whose forward is not batch norm's (timm's BatchNormAct2d, which adds
-    an activation) is refused with TypeError rather than silently replaced by a plain batch
-    norm; so is an uninitialized lazy batch norm (run one forward first). syncbn's own layers
-    are kept as they are. Each new layer's name (SyncBatchNorm.name, the first words of its
-    messages) is its qualified name in module ("layer1.0.bn1").
+    A batch norm with a built-in ReLU in timm's BatchNormAct2d convention (a BatchNorm2d
+    subclass whose attribute act is a torch.nn.ReLU and whose attribute drop, if any, is a
+    torch.nn.Identity) becomes a SyncBatchNormReLU, with its parameters and buffers (act and
+    drop are not carried over: the ReLU is the layer's own now). Any other _BatchNorm subclass
+    whose forward is not batch norm's (another activation, a dropout, or no activation at all
+    in a subclass that overrides forward) is refused with TypeError rather than silently
+    replaced by a plain batch norm; so is an uninitialized lazy batch norm (run one forward
+    first). syncbn's own layers are kept as they are. Each new layer's name (SyncBatchNorm.name,
+    the first words of its messages) is its qualified name in module ("layer1.0.bn1").
     """
     return _convert(module, process_group, communicator, "")
 
 
+def _is_batch_norm_relu(module):
+    """Whether module follows timm's BatchNormAct2d convention with a ReLU: a BatchNorm2d
+    subclass with act a torch.nn.ReLU and drop a torch.nn.Identity or absent."""
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    return (isinstance(module, torch.nn.BatchNorm2d) and type(act) is torch.nn.ReLU and
+            (drop is None or type(drop) is torch.nn.Identity))
+
+
 def _convert(module, process_group, communicator, qualified_name):
     out = module
+    skip = ()  # children not carried over
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         cls = type(module)
         if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and \
                 module.has_uninitialized_params():
             raise TypeError(f"convert_sync_batchnorm: {cls.__name__} is a lazy module that has "
                             "not been initialized; run one forward pass before converting it")
-        if cls.forward not in _PLAIN_FORWARDS:
+        if cls.forward in _PLAIN_FORWARDS:
+            new_cls = SyncBatchNorm
+        elif _is_batch_norm_relu(module):
+            new_cls, skip = SyncBatchNormReLU, ("act", "drop")
+        else:
             raise TypeError(
                 f"convert_sync_batchnorm: {cls.__module__}.{cls.__qualname__} overrides forward, "
                 "so it does more than batch norm (an activation, say); replacing it by a plain "
-                "SyncBatchNorm would drop that. Replace it yourself, e.g. by "
-                "SyncBatchNorm followed by its extra layers")
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, communicator=communicator)
+                "SyncBatchNorm would drop that. Only a ReLU in timm's BatchNormAct2d convention "
+                "(act a torch.nn.ReLU, drop a torch.nn.Identity or absent) becomes a "
+                "SyncBatchNormReLU; replace it yourself, e.g. by SyncBatchNorm followed by its "
+                "extra layers")
+        out = new_cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group, communicator=communicator)
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight
@@ -466,6 +580,8 @@ def _convert(module, process_group, communicator, qualified_name):
             out.qconfig = module.qconfig
         out.name = qualified_name or cls.__name__
     for name, child in module.named_children():
+        if name in skip:
+            continue
         child_name = f"{qualified_name}.{name}" if qualified_name else name
         out.add_module(name, _convert(child, process_group, communicator, child_name))
     return out

@@ -55,7 +55,17 @@ class GlobalBatchNorm:
     def train_step(self, xs, dys):
         """ys, dxs for every rank's batch, and dweight, dbias over the global batch; updates the
         running statistics."""
+        ys, dxs, dw, db, _ = self.train_step_act(xs, dys, None)
+        return ys, dxs, dw, db
+
+    def train_step_act(self, xs, dys, activation, zs=None):
+        """train_step of act(bn(x)): activation None (bn alone), "relu" (torch.relu(bn(x))) or
+        "add_relu" (torch.relu(bn(x) + z), zs every rank's residual); torch's relu backward is
+        threshold_backward, relu'(0) = 0. Returns ys, dxs, dweight, dbias and dzs (None
+        without zs)."""
         xs = [x.detach().to(torch.float64).requires_grad_(True) for x in xs]
+        if zs is not None:
+            zs = [z.detach().to(torch.float64).requires_grad_(True) for z in zs]
         w = self.weight.clone().requires_grad_(self.affine)
         b = self.bias.clone().requires_grad_(self.affine)
         same_spatial = len({tuple(x.shape[2:]) for x in xs}) == 1
@@ -92,12 +102,27 @@ class GlobalBatchNorm:
                 with torch.no_grad():
                     self.running_mean = (1 - a) * self.running_mean + a * mean
                     self.running_var = (1 - a) * self.running_var + a * var * m / (m - 1)
+        if activation == "add_relu":
+            ys = [y + z for y, z in zip(ys, zs)]
+        if activation is not None:
+            ys = [torch.relu(y) for y in ys]
         loss = sum((y * dy.to(torch.float64)).sum() for y, dy in zip(ys, dys))
-        inputs = xs + ([w, b] if self.affine else [])
+        inputs = xs + ([w, b] if self.affine else []) + (zs if zs is not None else [])
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         dxs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, xs)]
         dw, db = (grads[len(xs)], grads[len(xs) + 1]) if self.affine else (None, None)
-        return [y.detach() for y in ys], dxs, dw, db
+        dzs = None
+        if zs is not None:
+            dzs = [g if g is not None else torch.zeros_like(z)
+                   for g, z in zip(grads[len(inputs) - len(zs):], zs)]
+        return [y.detach() for y in ys], dxs, dw, db, dzs
+
+    def eval_step_act(self, x, activation, z=None):
+        """eval_step followed by the activation (None, "relu", "add_relu" with z)."""
+        y = self.eval_step(x)
+        if activation == "add_relu":
+            y = y + z.to(torch.float64)
+        return torch.relu(y) if activation is not None else y
 
     def eval_step(self, x):
         """Evaluation on one rank's batch: running statistics, or its own batch statistics."""

@@ -157,6 +157,7 @@ def test_gradcheck_float64():
         assert problem is None
 
         def fn(x, w, b):
-            return sbt._Function.apply(x, w, b, layer, key, plan, param_dtype)
+            return sbt._Function.apply(x, None, w, b, layer, key, plan, param_dtype,
+                                       syncbn._capi.ACTIVATION_NONE)
 
         assert torch.autograd.gradcheck(fn, (x, w, b))

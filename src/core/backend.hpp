@@ -3,8 +3,10 @@
 //
 //   validate (Plan, then check_call) -> fingerprint (Plan) -> reduce (local sums and guards into
 //   the packed buffer) -> exchange (the allreduce; the verdict's slots on the host when it can
-//   reach them now) -> verdict (Plan, on the host; or the device's finalize) -> finalize
-//   (per-channel statistics and coefficients, core/finalize.hpp) -> apply (the elementwise pass).
+//   reach them now) -> verdict (Plan, on the host; or the device's finalize) -> [forward: a
+//   second reduce and exchange around a refined shift, where refine_shift asks for one] ->
+//   finalize (per-channel statistics and coefficients, core/finalize.hpp) -> apply (the
+//   elementwise pass).
 //
 // A backend owns the plan's packed buffer [guards (kGuardSlots) | 2C sums | m] and scratch, runs
 // its kernels (src/cpu, src/cuda), and never makes a verdict's message (Plan does, from
@@ -33,6 +35,7 @@ struct Call {
   ArgError err;            // this rank's error (validation, or a local failure of reduce)
   Fingerprint fp;
   void* stream = nullptr;  // the caller's (CUDA), or the backend's replacement for it
+  int round = 1;           // forward: 2 for the reduction redone around a refined shift
   // After exchange, when host_verdict: the group's guard slots, then its m.
   double verdict[kGuardSlots + 1] = {};
   bool host_verdict = false;
@@ -52,14 +55,18 @@ class Backend {
   virtual void end_call(const Call& call) noexcept { (void)call; }
 
   // Local sums into the packed buffer with the guards of (rank, call.err, call.fp) and the
-  // count: forward the moments of x (unshifted, docs/design.md 1.1 step 1), with
+  // count: forward the moments of x around the call's shift (core/finalize.hpp: the plan's
+  // shared shift; in round 2 the refined one, which for a call without communication is this
+  // rank's own and leaves the shared one as it was), with
   // num_batches_tracked (NULL: none) checked where it lives; backward sum dy and
   // sum dy (x - save_mean), kept as this rank's own too with keep_local. A rank with call.err set
   // or nothing to sum writes zeros. A reduction that cannot run sets call.err (count 0) and
   // writes that rank's failing guards instead.
   virtual void reduce_moments(Call& call, int rank, const void* x,
                               const std::int64_t* num_batches_tracked) = 0;
-  virtual void reduce_grad(Call& call, int rank, const void* x, const void* dy,
+  // With the plan's activation, backward sums g = dy * (y > 0) instead of dy (y: the forward's
+  // output).
+  virtual void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
                            const void* save_mean, bool keep_local) = 0;
 
   // COLLECTIVE (when call.collective). Sums the packed buffer over comm (comm carries out the
@@ -68,18 +75,28 @@ class Backend {
   // call.collective, the verdict is this rank's own. Throws what comm throws.
   virtual void exchange(comm::Communicator& comm, Call& call) = 0;
 
+  // COLLECTIVE in its decision: after a forward round 1 whose verdict the host reached and
+  // passed (or which only the device judges), whether the reduction must be redone around a
+  // refined shift (core::refined_shift of each channel: where the sums show the shift stale),
+  // and if so that shift, where round 2 reads it. Every rank of the group must decide alike:
+  // from the group's sums on the host (CPU), or from what every rank knows (CUDA: the plan's
+  // first call, the device refining each channel).
+  virtual bool refine_shift(Call& call) = 0;
+
   // Per channel (core/finalize.hpp) from the packed buffer: the coefficients of apply, and the
-  // outputs of f. The CUDA backend evaluates the verdict here too, where the host could not.
+  // outputs of f; a collective forward also sets the shared shift of the plan's next call. The CUDA backend evaluates the verdict here too, where the host could not.
   virtual void finalize_forward(const Call& call, const ForwardFinalize& f) = 0;
   virtual void finalize_running(const Call& call, double eps, bool affine, const void* weight,
                                 const void* bias, const void* running_mean,
                                 const void* running_var) = 0;
   virtual void finalize_backward(const Call& call, const BackwardFinalize& f) = 0;
 
-  // The elementwise passes with the coefficients of the last finalize:
-  // y = (x - center) * scale + shift; dx = a dy - k (x - center) + d.
-  virtual void normalize(const Call& call, const void* x, void* y) = 0;
-  virtual void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) = 0;
+  // The elementwise passes with the coefficients of the last finalize and the plan's activation:
+  // y = act((x - center) * scale + shift [+ z]); with g = dy, or dy * (y > 0) with an
+  // activation, dx = a g - k (x - center) + d and dz = g (ADD_RELU; dz may be NULL).
+  virtual void normalize(const Call& call, const void* x, const void* z, void* y) = 0;
+  virtual void backward_elemt(const Call& call, const void* x, const void* dy, const void* y,
+                              void* dx, void* dz) = 0;
 
   // The first verdict the device failed since the last report (CUDA: after waiting for stream,
   // by comm's deadline over NCCL; throws SYNCBN_ERROR_COMM_BROKEN on a broken comm), with its

@@ -85,6 +85,29 @@ void on_plan(syncbn_plan_t plan, F&& body) {
   syncbn::core::with_context(p.label(), [&] { body(p); });
 }
 
+// A named-argument call whose args are NULL: this rank takes its part in the call as a rank that
+// rejected "args" (collective where the call is), on the legacy default stream of a CUDA plan.
+[[noreturn]] void reject_null_args(syncbn::core::Plan& p, syncbn::core::Op op) {
+  p.reject_call(op, {syncbn::core::Arg::args, syncbn::core::Problem::null, {}}, nullptr);
+}
+
+syncbn::core::ForwardArgs forward_args(const syncbn_forward_args_t& a) {
+  syncbn::core::ForwardArgs f;
+  f.shape = {a.ndim, a.shape};
+  f.x = a.x;
+  f.z = a.z;
+  f.weight = a.weight;
+  f.bias = a.bias;
+  f.y = a.y;
+  f.save_mean = a.save_mean;
+  f.save_invstd = a.save_invstd;
+  f.running_mean = a.running_mean;
+  f.running_var = a.running_var;
+  f.num_batches_tracked = a.num_batches_tracked;
+  f.stream = a.stream;
+  return f;
+}
+
 template <class H>
 void require_out(H* out, const char* name) {
   if (out == nullptr) {
@@ -137,6 +160,7 @@ syncbn_status_t syncbn_config_init(syncbn_config_t* config, int64_t num_features
     config->affine = 1;
     config->track_running_stats = 1;
     config->global_param_grads = 0;
+    config->activation = SYNCBN_ACTIVATION_NONE;
   });
 }
 
@@ -287,41 +311,96 @@ syncbn_status_t syncbn_plan_get_async_error(syncbn_plan_t plan, void* stream,
   });
 }
 
+syncbn_status_t syncbn_forward_training_ex(syncbn_plan_t plan, const syncbn_forward_args_t* args) {
+  return guarded([&] {
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      if (args == nullptr) reject_null_args(p, syncbn::core::Op::forward_training);
+      p.forward_training(forward_args(*args));
+    });
+  });
+}
+
+syncbn_status_t syncbn_forward_inference_ex(syncbn_plan_t plan,
+                                            const syncbn_forward_args_t* args) {
+  return guarded([&] {
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      if (args == nullptr) reject_null_args(p, syncbn::core::Op::forward_inference);
+      syncbn::core::ForwardArgs a = forward_args(*args);
+      a.save_mean = a.save_invstd = nullptr;  // not written in inference
+      a.num_batches_tracked = nullptr;
+      p.forward_inference(a);
+    });
+  });
+}
+
+syncbn_status_t syncbn_backward_ex(syncbn_plan_t plan, const syncbn_backward_args_t* args) {
+  return guarded([&] {
+    on_plan(plan, [&](syncbn::core::Plan& p) {
+      if (args == nullptr) reject_null_args(p, syncbn::core::Op::backward);
+      const syncbn_backward_args_t& a = *args;
+      p.backward({{a.ndim, a.shape}, a.x, a.dy, a.weight, a.save_mean, a.save_invstd, a.dx,
+                  a.dweight, a.dbias, a.stream, nullptr, a.y, a.dz});
+    });
+  });
+}
+
+// The positional calls: the named ones without z, y and dz.
+
 syncbn_status_t syncbn_forward_training(syncbn_plan_t plan, int ndim, const int64_t* shape,
                                         const void* x, const void* weight, const void* bias,
                                         void* y, void* save_mean, void* save_invstd,
                                         void* running_mean, void* running_var,
                                         int64_t* num_batches_tracked, void* stream) {
-  return guarded([&] {
-    on_plan(plan, [&](syncbn::core::Plan& p) {
-      p.forward_training({{ndim, shape}, x, weight, bias, y, save_mean, save_invstd, running_mean,
-                          running_var, num_batches_tracked, stream});
-    });
-  });
+  syncbn_forward_args_t a{};
+  a.ndim = ndim;
+  a.shape = shape;
+  a.x = x;
+  a.weight = weight;
+  a.bias = bias;
+  a.y = y;
+  a.save_mean = save_mean;
+  a.save_invstd = save_invstd;
+  a.running_mean = running_mean;
+  a.running_var = running_var;
+  a.num_batches_tracked = num_batches_tracked;
+  a.stream = stream;
+  return syncbn_forward_training_ex(plan, &a);
 }
 
 syncbn_status_t syncbn_forward_inference(syncbn_plan_t plan, int ndim, const int64_t* shape,
                                          const void* x, const void* weight, const void* bias,
                                          const void* running_mean, const void* running_var,
                                          void* y, void* stream) {
-  return guarded([&] {
-    syncbn::core::ForwardArgs args{{ndim, shape}, x, weight, bias, y};
-    args.running_mean = const_cast<void*>(running_mean);  // read only in inference
-    args.running_var = const_cast<void*>(running_var);
-    args.stream = stream;
-    on_plan(plan, [&](syncbn::core::Plan& p) { p.forward_inference(args); });
-  });
+  syncbn_forward_args_t a{};
+  a.ndim = ndim;
+  a.shape = shape;
+  a.x = x;
+  a.weight = weight;
+  a.bias = bias;
+  a.y = y;
+  a.running_mean = const_cast<void*>(running_mean);  // read only in inference
+  a.running_var = const_cast<void*>(running_var);
+  a.stream = stream;
+  return syncbn_forward_inference_ex(plan, &a);
 }
 
 syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const int64_t* shape,
                                 const void* x, const void* dy, const void* weight,
                                 const void* save_mean, const void* save_invstd, void* dx,
                                 void* dweight, void* dbias, void* stream) {
-  return guarded([&] {
-    on_plan(plan, [&](syncbn::core::Plan& p) {
-      p.backward({{ndim, shape}, x, dy, weight, save_mean, save_invstd, dx, dweight, dbias, stream});
-    });
-  });
+  syncbn_backward_args_t a{};
+  a.ndim = ndim;
+  a.shape = shape;
+  a.x = x;
+  a.dy = dy;
+  a.weight = weight;
+  a.save_mean = save_mean;
+  a.save_invstd = save_invstd;
+  a.dx = dx;
+  a.dweight = dweight;
+  a.dbias = dbias;
+  a.stream = stream;
+  return syncbn_backward_ex(plan, &a);
 }
 
 syncbn_status_t syncbn_plan_reject_call(syncbn_plan_t plan, syncbn_call_t call,

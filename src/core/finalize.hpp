@@ -15,30 +15,48 @@
 
 namespace syncbn::core {
 
-// Plain sums from shifted ones: with s' = sum (x - K), q' = sum (x - K)^2 over m values,
-// sum x = s' + m K and sum x^2 = q' + K (2 s' + m K). Each rank shifts by its own K (a value of
-// its own data, near the mean), so its local sums carry no cancellation; only these few fp64
-// operations round at the scale of sum x^2 (Chan, Golub & LeVeque 1983, shifted data).
-SYNCBN_HD inline void unshift_moments(double& s, double& q, double m, double K) {
-  if (m == 0.0) return;
-  const double s_shifted = s;
-  s = s_shifted + m * K;
-  q = q + K * (2.0 * s_shifted + m * K);
-}
+// The shared shift. Every reduction sums each channel around a shift K that is the same on every
+// rank of the group: s = sum (x - K), q = sum (x - K)^2 over the group's m values. The plan keeps
+// K as its previous call's mean rounded to the data type (bitwise identical on every rank: each
+// derived it from the same sums), so that x - K is exact near the mean (Sterbenz) and nothing
+// cancels in q / m - (s / m)^2: the variance loses log10(1 + (mean - K)^2 / var) digits, not
+// log10(mean^2 / var) (Chan, Golub & LeVeque 1983, "Algorithms for computing the sample
+// variance", shifted data). A call whose sums show K far from its batch mean redoes them around
+// that mean (refined_shift); a plan's first call starts from K = 0.
 
 // Batch statistics of one channel from the group's sums.
 struct Moments {
-  double mean;    // s / m
-  double var;     // biased: max(q / m - mean^2, 0); NaN stays NaN
+  double mean;    // K + s / m
+  double var;     // biased: max(q / m - (s / m)^2, 0); NaN stays NaN
   double invstd;  // 1 / sqrt(var + eps)
 };
 
-// s = sum x, q = sum x^2, m = count (> 0), over every rank of the group.
-SYNCBN_HD inline Moments moments_from_sums(double s, double q, double m, double eps) {
-  const double mean = s / m;
-  double var = q / m - mean * mean;
-  var = var < 0.0 ? 0.0 : var;  // cancellation can make it slightly negative; NaN passes
-  return {mean, var, 1.0 / std::sqrt(var + eps)};
+// s = sum (x - K), q = sum (x - K)^2, m = count (> 0), over every rank of the group.
+SYNCBN_HD inline Moments moments_from_sums(double s, double q, double m, double K, double eps) {
+  const double d = s / m;
+  double var = q / m - d * d;
+  var = var < 0.0 ? 0.0 : var;  // rounding can make it slightly negative; NaN passes
+  return {K + d, var, 1.0 / sqrt(var + eps)};
+}
+
+// The shift is stale when the batch mean lies more than kStaleShift standard deviations from it
+// (|mean - K| > kStaleShift sqrt(var), or a variance the sums cannot give, NaN): the variance
+// would lose more than log10(1 + kStaleShift^2) = 0.7 digits.
+constexpr double kStaleShift = 2.0;
+
+// The shift a redone reduction of one channel uses, from the sums around K (as in
+// moments_from_sums): the mean rounded to P where K is stale and that mean is finite (a channel
+// of NaN or Inf keeps K, so that it never poisons the shift), else K. Returns whether it moved.
+template <class P>
+SYNCBN_HD inline bool refined_shift(double s, double q, double m, P K, P& out) {
+  const double d = s / m;
+  const double var = q / m - d * d;
+  const P mean = static_cast<P>(static_cast<double>(K) + d);
+  // |d| against sqrt(var), not d^2 against var: squares of tiny values underflow to 0.
+  const bool moved = !(fabs(d) <= kStaleShift * sqrt(var > 0.0 ? var : 0.0)) &&
+                     mean - mean == P(0) && mean != K;
+  out = moved ? mean : K;
+  return moved;
 }
 
 // Weight of the new batch in the running statistics: momentum, or the cumulative average
@@ -187,22 +205,26 @@ SYNCBN_HD inline double parameter(const void* p, std::int64_t c, bool present, d
   return present ? static_cast<double>(static_cast<const P*>(p)[c]) : otherwise;
 }
 
-// Channel c of a forward from the group's sums [s (C) | q (C)] and count m: saved statistics,
-// the coefficients (affine_arrays of coefficients), and with f.track the running statistics
-// with weight a (running_factor).
+// Channel c of a forward from the group's sums [s (C) | q (C)] around shift (core's shared
+// shift, see moments_from_sums) and count m: saved statistics, the coefficients (affine_arrays
+// of coefficients), with f.track the running statistics with weight a (running_factor), and with
+// next_shift (may be NULL; may be shift) the shift of the plan's next call: the mean rounded to
+// P, unless it is not finite (then shift is kept).
 template <class P>
 SYNCBN_HD inline void finalize_forward_channel(const ForwardFinalize& f, const double* sums,
                                                std::int64_t C, std::int64_t c, double m, double a,
-                                               P* coefficients) {
-  const Moments mo = moments_from_sums(sums[c], sums[C + c], m, f.eps);
+                                               const P* shift, P* next_shift, P* coefficients) {
+  const Moments mo = moments_from_sums(sums[c], sums[C + c], m, shift[c], f.eps);
   if (f.save_mean) static_cast<P*>(f.save_mean)[c] = static_cast<P>(mo.mean);
   if (f.save_invstd) static_cast<P*>(f.save_invstd)[c] = static_cast<P>(mo.invstd);
-  store(affine_arrays(coefficients, C), c,
-        affine_coefficients<P>(mo.mean, mo.invstd, parameter<P>(f.weight, c, f.affine, 1.0),
-                               parameter<P>(f.bias, c, f.affine, 0.0)));
+  const AffineCoefficients<P> co =
+      affine_coefficients<P>(mo.mean, mo.invstd, parameter<P>(f.weight, c, f.affine, 1.0),
+                             parameter<P>(f.bias, c, f.affine, 0.0));
+  store(affine_arrays(coefficients, C), c, co);
   if (f.track) {
     update_running(static_cast<P*>(f.running_mean)[c], static_cast<P*>(f.running_var)[c], mo, m, a);
   }
+  if (next_shift != nullptr && co.center - co.center == P(0)) next_shift[c] = co.center;
 }
 
 // Channel c of an inference with running statistics: the coefficients (affine_arrays).

@@ -38,6 +38,10 @@ const char* arg_name(Arg arg) {
     case Arg::sub: return "sub";
     case Arg::memory: return "memory";
     case Arg::other: return "an argument";
+    case Arg::z: return "z";
+    case Arg::dz: return "dz";
+    case Arg::activation: return "activation";
+    case Arg::args: return "args";
   }
   return "(unknown argument)";
 }
@@ -59,8 +63,10 @@ void fail_local(int rank, const ArgError& err) {
 Arg arg_from_name(const char* name) {
   if (name == nullptr) return Arg::other;
   const std::string wanted = name;
-  for (auto a = static_cast<std::uint16_t>(Arg::x); a < static_cast<std::uint16_t>(Arg::other); ++a) {
-    if (wanted == arg_name(static_cast<Arg>(a))) return static_cast<Arg>(a);
+  for (auto a = static_cast<std::uint16_t>(Arg::x); a <= static_cast<std::uint16_t>(Arg::dz); ++a) {
+    if (a != static_cast<std::uint16_t>(Arg::other) && wanted == arg_name(static_cast<Arg>(a))) {
+      return static_cast<Arg>(a);
+    }
   }
   return Arg::other;
 }
@@ -101,6 +107,8 @@ std::string describe(Arg arg, Problem problem) {
       return name + ": a custom communicator without a split function cannot split";
     case Problem::wrong_group:
       return name + ": the split made a group of the wrong size or rank on this rank";
+    case Problem::unexpected: return name + " must be NULL: the plan's activation takes none";
+    case Problem::aliases: return name + " must not be the same memory as dx";
   }
   return name + ": invalid";
 }

@@ -40,6 +40,7 @@ enum class Arg : std::uint16_t {
   config, num_features, dtype, layout, device, eps, momentum, group_size, plan, sub,
   memory,
   other,  // an argument the caller named in syncbn_plan_reject_call that is none of the above
+  z, dz, activation, args,
 };
 
 // What is wrong with it. Values are part of the wire format: append only.
@@ -68,6 +69,8 @@ enum class Problem : std::uint16_t {
   comm_failed,     // the communicator's backend failed on this rank (SYNCBN_ERROR_COMM)
   cannot_split,    // a custom communicator without a split function (SYNCBN_ERROR_NOT_SUPPORTED)
   wrong_group,     // a split produced a group of the wrong size or rank
+  unexpected,      // must be NULL: the plan's activation takes no such argument
+  aliases,         // is the same memory as an output it must not be (dz and dx)
 };
 
 // An error's wire code: argument and problem in 12 bits (so that code^2 stays exact in sums).

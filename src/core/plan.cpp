@@ -31,10 +31,10 @@ class CallEnd {
 // C at most this, so that the packed buffer's count fits the int of MPI_Allreduce.
 constexpr std::int64_t kMaxFeatures = (std::numeric_limits<int>::max() - 64) / 2;
 // Fields every rank must agree on at plan creation, in this order.
-constexpr int kConfigFields = 9;
+constexpr int kConfigFields = 10;
 constexpr const char* kConfigFieldNames[kConfigFields] = {
     "num_features", "dtype", "layout", "device", "eps", "momentum",
-    "affine", "track_running_stats", "global_param_grads"};
+    "affine", "track_running_stats", "global_param_grads", "activation"};
 
 std::uint64_t bits_of(double v) {
   if (std::isnan(v)) v = std::numeric_limits<double>::quiet_NaN();  // one NaN for "unset"
@@ -63,6 +63,7 @@ void config_fields(const syncbn_config_t& c, std::uint64_t out[kConfigFields]) {
   out[6] = c.affine != 0;
   out[7] = c.track_running_stats != 0;
   out[8] = c.global_param_grads != 0;
+  out[9] = static_cast<std::uint64_t>(c.activation) & k48;
 }
 
 // The shortest decimal that reads back as v ("1e-05", not "0.000010").
@@ -85,7 +86,8 @@ std::string field_value(const syncbn_config_t& c, int field) {
     case 5: return std::isnan(c.momentum) ? "cumulative" : exact(c.momentum);
     case 6: return std::to_string(c.affine != 0);
     case 7: return std::to_string(c.track_running_stats != 0);
-    default: return std::to_string(c.global_param_grads != 0);
+    case 8: return std::to_string(c.global_param_grads != 0);
+    default: return std::to_string(static_cast<int>(c.activation));
   }
 }
 
@@ -112,6 +114,10 @@ ArgError validate_config(const syncbn_config_t& c) {
   require(err, c.eps > 0.0 && std::isfinite(c.eps), Arg::eps, Problem::not_positive);
   require(err, std::isnan(c.momentum) || (c.momentum >= 0.0 && c.momentum <= 1.0), Arg::momentum,
           Problem::out_of_range);
+  require(err,
+          c.activation == SYNCBN_ACTIVATION_NONE || c.activation == SYNCBN_ACTIVATION_RELU ||
+              c.activation == SYNCBN_ACTIVATION_ADD_RELU,
+          Arg::activation, Problem::invalid_enum);
   require(err, c.num_features <= kMaxFeatures, Arg::num_features, Problem::overflow);
   // Valid requests this build cannot serve: 16-bit data is CUDA-only.
 #ifdef SYNCBN_HAVE_CUDA
@@ -206,6 +212,9 @@ void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
   require(err, call.count == 0 || a.y != nullptr, Arg::y);
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, !config_.affine || a.bias != nullptr, Arg::bias);
+  const bool add = config_.activation == SYNCBN_ACTIVATION_ADD_RELU;
+  require(err, !add || call.count == 0 || a.z != nullptr, Arg::z);
+  require(err, add || a.z == nullptr, Arg::z, Problem::unexpected);
   call.stream = a.stream;
   backend_->check_call(call);
   require(err, !track || a.running_mean != nullptr, Arg::running_mean);
@@ -225,6 +234,12 @@ void Plan::check_backward(const BackwardArgs& a, Call& call) const {
   require(err, !config_.affine || a.weight != nullptr, Arg::weight);
   require(err, a.save_mean != nullptr, Arg::save_mean);
   require(err, a.save_invstd != nullptr, Arg::save_invstd);
+  const bool act = config_.activation != SYNCBN_ACTIVATION_NONE;
+  require(err, !act || call.count == 0 || a.y != nullptr, Arg::y);
+  require(err, act || a.y == nullptr, Arg::y, Problem::unexpected);
+  require(err, config_.activation == SYNCBN_ACTIVATION_ADD_RELU || a.dz == nullptr, Arg::dz,
+          Problem::unexpected);
+  require(err, call.count == 0 || a.dz == nullptr || a.dz != a.dx, Arg::dz, Problem::aliases);
   call.stream = a.stream;
   backend_->check_call(call);
   if (err) call.count = 0;
@@ -236,16 +251,17 @@ void Plan::exchange_and_judge(Call& call, bool track) {
   } else {
     backend_->exchange(*comm_, call);
   }
-  if (!call.host_verdict) {  // the device judges (NCCL): this rank's own error is all there is
-    if (call.err) fail_local(comm_->rank(), call.err);
-    return;
-  }
+  if (!call.host_verdict) return;  // the device judges (NCCL): see throw_own_error
   if (call.collective) {
     check_verdict(call.verdict, comm_->size(), comm_->rank(), call.err, call.fp,
                   call.verdict[kGuardSlots], track);
   } else if (call.err) {
     fail_local(comm_->rank(), call.err);
   }
+}
+
+void Plan::throw_own_error(const Call& call) const {
+  if (!call.host_verdict && call.err) fail_local(comm_->rank(), call.err);
 }
 
 void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
@@ -258,9 +274,18 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   if (!call.collective && call.err) fail_local(comm_->rank(), call.err);  // nobody else waits
   call.fp = call.collective ? next_fingerprint(op) : Fingerprint{tag_, op, seq_};
 
-  backend_->reduce_moments(call, comm_->rank(), a.x, track ? a.num_batches_tracked : nullptr);
+  // Round 1 around the plan's shared shift; round 2 around a refined one, where the sums show
+  // the shift stale (core/finalize.hpp), decided alike on every rank of the group.
+  const std::int64_t* const nbt = track ? a.num_batches_tracked : nullptr;
+  backend_->reduce_moments(call, comm_->rank(), a.x, nbt);
   exchange_and_judge(call, track);
   if (!call.collective && call.count == 0) return;  // this rank's empty batch: nothing to do
+  if (backend_->refine_shift(call)) {
+    call.round = 2;
+    backend_->reduce_moments(call, comm_->rank(), a.x, nbt);
+    exchange_and_judge(call, track);
+  }
+  throw_own_error(call);
 
   // Nothing can fail from here on (or, judged on the device, nothing is written but NaN).
   ForwardFinalize f;
@@ -278,7 +303,7 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   f.num_batches_tracked = track ? reinterpret_cast<long long*>(a.num_batches_tracked) : nullptr;
   f.op = static_cast<std::uint32_t>(op);
   backend_->finalize_forward(call, f);
-  if (call.count > 0) backend_->normalize(call, a.x, a.y);
+  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y);
 }
 
 void Plan::forward_running_stats(const ForwardArgs& a) {
@@ -292,7 +317,7 @@ void Plan::forward_running_stats(const ForwardArgs& a) {
   if (call.err) fail_local(comm_->rank(), call.err);  // no collective here: nobody else waits
   backend_->finalize_running(call, config_.eps, config_.affine != 0, a.weight, a.bias,
                              a.running_mean, a.running_var);
-  if (call.count > 0) backend_->normalize(call, a.x, a.y);
+  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y);
 }
 
 void Plan::forward_training(const ForwardArgs& args) {
@@ -321,9 +346,10 @@ void Plan::backward(const BackwardArgs& a) {
   call.fp = next_fingerprint(Op::backward);
 
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
-  backend_->reduce_grad(call, comm_->rank(), a.x, a.dy, a.save_mean,
+  backend_->reduce_grad(call, comm_->rank(), a.x, a.dy, a.y, a.save_mean,
                         param_grads && !config_.global_param_grads);
   exchange_and_judge(call, false);
+  throw_own_error(call);
 
   BackwardFinalize f;
   f.group_size = comm_->size();
@@ -336,7 +362,7 @@ void Plan::backward(const BackwardArgs& a) {
   f.dbias = a.dbias;
   f.op = static_cast<std::uint32_t>(Op::backward);
   backend_->finalize_backward(call, f);
-  if (call.count > 0) backend_->backward_elemt(call, a.x, a.dy, a.dx);
+  if (call.count > 0) backend_->backward_elemt(call, a.x, a.dy, a.y, a.dx, a.dz);
 }
 
 void Plan::reject_call(Op op, const ArgError& err, void* stream) {

@@ -39,6 +39,7 @@ struct ForwardArgs {
   std::int64_t* num_batches_tracked = nullptr;
   void* stream = nullptr;
   const ArgError* rejected = nullptr;  // syncbn_plan_reject_call: this rank's error, nothing else
+  const void* z = nullptr;  // SYNCBN_ACTIVATION_ADD_RELU: the residual input
 };
 
 struct BackwardArgs {
@@ -53,6 +54,8 @@ struct BackwardArgs {
   void* dbias = nullptr;
   void* stream = nullptr;
   const ArgError* rejected = nullptr;  // as in ForwardArgs
+  const void* y = nullptr;  // with an activation: the forward's output (its mask y > 0)
+  void* dz = nullptr;       // SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient (may be NULL)
 };
 
 // The config's own validity, on this rank (no communication).
@@ -117,8 +120,10 @@ class Plan {
   Fingerprint next_fingerprint(Op op) { return {tag_, op, seq_++}; }
   // The exchange and the verdict: sums the packed buffer over the group (collective calls) and
   // throws the verdict where the host reaches it, identically on every rank; where only the
-  // device can (NCCL), throws this rank's own error only.
+  // device can (NCCL), throws nothing: throw_own_error does, after the call's last collective
+  // (which every rank enters, whatever its own error).
   void exchange_and_judge(Call& call, bool track);
+  void throw_own_error(const Call& call) const;
   // Whether op's batch statistics are the group's (else this rank's own).
   static bool collective(Op op) { return op != Op::forward_inference; }
 

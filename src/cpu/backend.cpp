@@ -29,9 +29,10 @@ T* as(void* p) {
 // The per-call arrays of C values, of the data type T (= the parameter type on the CPU).
 template <class T>
 struct Scratch {
-  std::vector<T> data_shift;    // forward: each channel's shift (its first local value)
+  std::vector<T> shift;         // the group's shared shift (core/finalize.hpp), 0 at first
+  std::vector<T> local_shift;   // a call without communication: its refined shift
   std::vector<T> coefficients;  // 4C: core::affine_arrays / core::backward_arrays
-  explicit Scratch(std::size_t C) : data_shift(C), coefficients(4 * C) {}
+  explicit Scratch(std::size_t C) : shift(C), local_shift(C), coefficients(4 * C) {}
 };
 
 template <class T>
@@ -39,6 +40,7 @@ class CpuBackend final : public core::Backend {
  public:
   explicit CpuBackend(const syncbn_config_t& config)
       : C_(config.num_features),
+        relu_(config.activation != SYNCBN_ACTIVATION_NONE),
         buffer_(kGuardSlots + 2 * static_cast<std::size_t>(C_) + 1, 0.0),
         local_(2 * static_cast<std::size_t>(C_), 0.0),
         scratch_(static_cast<std::size_t>(C_)) {
@@ -62,27 +64,21 @@ class CpuBackend final : public core::Backend {
     std::fill(sum, sum + 2 * C_, 0.0);
     if (!call.err && call.count > 0) {
       local_phase(call, [&] {
-        // Shift each channel by its first local value (outer index 0), undo the shift in fp64.
-        T* const shift = scratch_.data_shift.data();
-        for (std::int64_t c = 0; c < C_; ++c) shift[c] = as<T>(x)[c * call.g.inner];
-        cpu::reduce_moments(call.g, as<T>(x), shift, sum, sumsq, workspace_);
-        for (std::int64_t c = 0; c < C_; ++c) {
-          core::unshift_moments(sum[c], sumsq[c], static_cast<double>(call.count), shift[c]);
-        }
+        cpu::reduce_moments(call.g, as<T>(x), shift_of(call), sum, sumsq, workspace_);
       });
     }
     put_guards_and_count(call, rank);
   }
 
-  void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* save_mean,
-                   bool keep_local) override {
+  void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
+                   const void* save_mean, bool keep_local) override {
     double* const sum_g = buffer_.data() + kGuardSlots;
     double* const sum_gx = sum_g + C_;
     std::fill(sum_g, sum_g + 2 * C_, 0.0);
     if (!call.err && call.count > 0) {
       local_phase(call, [&] {
-        cpu::reduce_grad(call.g, as<T>(x), as<T>(dy), as<T>(save_mean), sum_g, sum_gx,
-                         workspace_);
+        cpu::reduce_grad(call.g, as<T>(x), as<T>(dy), as<T>(y), as<T>(save_mean), sum_g,
+                         sum_gx, workspace_);
       });
     }
     put_guards_and_count(call, rank);
@@ -96,7 +92,18 @@ class CpuBackend final : public core::Backend {
     call.host_verdict = true;
   }
 
-  void finalize_forward(const Call&, const core::ForwardFinalize& f) override {
+  bool refine_shift(Call& call) override {
+    const double* const sums = buffer_.data() + kGuardSlots;
+    const double m = buffer_.back();
+    T* const to = call.collective ? scratch_.shift.data() : scratch_.local_shift.data();
+    bool moved = false;
+    for (std::int64_t c = 0; c < C_; ++c) {
+      moved |= core::refined_shift<T>(sums[c], sums[C_ + c], m, scratch_.shift[c], to[c]);
+    }
+    return moved;
+  }
+
+  void finalize_forward(const Call& call, const core::ForwardFinalize& f) override {
     const double* const sums = buffer_.data() + kGuardSlots;
     const double m = buffer_.back();
     const double a =
@@ -106,7 +113,9 @@ class CpuBackend final : public core::Backend {
                 : 0.0;
     T* const coefficients = scratch_.coefficients.data();
     for (std::int64_t c = 0; c < C_; ++c) {
-      core::finalize_forward_channel<T>(f, sums, C_, c, m, a, coefficients);
+      core::finalize_forward_channel<T>(f, sums, C_, c, m, a, shift_of(call),
+                                        call.collective ? scratch_.shift.data() : nullptr,
+                                        coefficients);
     }
     if (f.track && f.num_batches_tracked != nullptr) ++*f.num_batches_tracked;
   }
@@ -130,17 +139,26 @@ class CpuBackend final : public core::Backend {
     }
   }
 
-  void normalize(const Call& call, const void* x, void* y) override {
+  void normalize(const Call& call, const void* x, const void* z, void* y) override {
     const auto co = core::affine_arrays<const T>(scratch_.coefficients.data(), C_);
-    cpu::normalize(call.g, as<T>(x), co.center, co.scale, co.shift, as<T>(y));
+    cpu::normalize(call.g, as<T>(x), as<T>(z), co.center, co.scale, co.shift, relu_, as<T>(y));
   }
 
-  void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) override {
+  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y, void* dx,
+                      void* dz) override {
     const auto co = core::backward_arrays<const T>(scratch_.coefficients.data(), C_);
-    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), co.center, co.a, co.k, co.d, as<T>(dx));
+    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), as<T>(y), co.center, co.a, co.k, co.d,
+                        as<T>(dx), as<T>(dz));
   }
 
  private:
+  // The shift of a forward's sums: the group's, or after a refinement without communication
+  // this rank's own.
+  const T* shift_of(const Call& call) const {
+    return call.round > 1 && !call.collective ? scratch_.local_shift.data()
+                                              : scratch_.shift.data();
+  }
+
   // Runs a reduction; an allocation failure (the workspace grew with the thread count) becomes
   // this rank's error, so that it still enters the collective and reports it there.
   template <class F>
@@ -162,6 +180,7 @@ class CpuBackend final : public core::Backend {
   }
 
   std::int64_t C_;
+  bool relu_;  // the plan's activation ends in a relu
   std::vector<double> buffer_;  // [guards | 2C sums | m]
   std::vector<double> local_;   // this rank's backward sums (local parameter gradients)
   Scratch<T> scratch_;

@@ -341,32 +341,73 @@ void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, 
 }
 
 template <class T>
-void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
-                 double* sum_gx, Workspace& ws) {
-  reduce_data<T>(
-      g,
-      [x, dy, center](auto b, std::int64_t i, std::int64_t c) {
-        using B = decltype(b);
-        const B gi = static_cast<B>(dy[i]);
-        return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
-      },
-      {x, dy, center}, 2, sum_g, sum_gx, ws);
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
+                 double* sum_g, double* sum_gx, Workspace& ws) {
+  // g = dy, or dy * (y > 0) (the activation's backward, in the same traversal).
+  auto sums = [&](auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
+    reduce_data<T>(
+        g,
+        [x, dy, y, center](auto b, std::int64_t i, std::int64_t c) {
+          using B = decltype(b);
+          T gt = dy[i];
+          if constexpr (kMasked) gt = y[i] > T(0) ? gt : T(0);
+          const B gi = static_cast<B>(gt);
+          return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
+        },
+        {x, dy, kMasked ? static_cast<const void*>(y) : center}, kMasked ? 3 : 2, sum_g, sum_gx,
+        ws);
+  };
+  if (y != nullptr) {
+    sums(std::true_type{});
+  } else {
+    sums(std::false_type{});
+  }
 }
 
 template <class T>
-void normalize(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,
-               T* y) {
-  map_elements(g, [=](std::int64_t i, std::int64_t c) {
-    y[i] = (x[i] - center[c]) * scale[c] + shift[c];
-  });
+void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,
+               const T* shift, bool relu, T* y) {
+  // v = (x - center) scale + shift [+ z], then max(v, 0) with relu (NaN stays NaN, as torch.relu).
+  auto pass = [&](auto add, auto rectify) {
+    constexpr bool kAdd = decltype(add)::value, kRelu = decltype(rectify)::value;
+    map_elements(g, [=](std::int64_t i, std::int64_t c) {
+      T v = (x[i] - center[c]) * scale[c] + shift[c];
+      if constexpr (kAdd) v += z[i];
+      if constexpr (kRelu) v = v < T(0) ? T(0) : v;
+      y[i] = v;
+    });
+  };
+  if (z != nullptr) {
+    pass(std::true_type{}, std::true_type{});  // add is always followed by relu
+  } else if (relu) {
+    pass(std::false_type{}, std::true_type{});
+  } else {
+    pass(std::false_type{}, std::false_type{});
+  }
 }
 
 template <class T>
-void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,
-                    const T* k, const T* d, T* dx) {
-  map_elements(g, [=](std::int64_t i, std::int64_t c) {
-    dx[i] = a[c] * dy[i] - k[c] * (x[i] - center[c]) + d[c];
-  });
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
+                    const T* a, const T* k, const T* d, T* dx, T* dz) {
+  // g = dy, or dy * (y > 0); dx = a g - k (x - center) + d; dz = g.
+  auto pass = [&](auto masked, auto residual) {
+    constexpr bool kMasked = decltype(masked)::value, kResidual = decltype(residual)::value;
+    map_elements(g, [=](std::int64_t i, std::int64_t c) {
+      T gi = dy[i];
+      if constexpr (kMasked) gi = y[i] > T(0) ? gi : T(0);
+      const T xi = x[i];
+      if constexpr (kResidual) dz[i] = gi;
+      dx[i] = a[c] * gi - k[c] * (xi - center[c]) + d[c];
+    });
+  };
+  if (y != nullptr && dz != nullptr) {
+    pass(std::true_type{}, std::true_type{});
+  } else if (y != nullptr) {
+    pass(std::true_type{}, std::false_type{});
+  } else {
+    pass(std::false_type{}, std::false_type{});
+  }
 }
 
 SYNCBN_CPU_INSTANTIATE_KERNELS(float)

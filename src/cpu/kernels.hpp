@@ -44,25 +44,25 @@ double* group_room(Workspace& ws, std::size_t n, double* /* tag */);
   void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum,              \
                       double* sumsq, Workspace& ws);                                           \
   template <class T>                                                                           \
-  void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,  \
-                   double* sum_gx, Workspace& ws);                                             \
+  void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,    \
+                   double* sum_g, double* sum_gx, Workspace& ws);                              \
   template <class T>                                                                           \
-  void normalize(const Geometry& g, const T* x, const T* center, const T* scale,               \
-                 const T* shift,                                                               \
-              T* y);                                                                           \
+  void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,   \
+                 const T* shift, bool relu, T* y);                                             \
   template <class T>                                                                           \
-  void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,  \
-                      const T* k, const T* d, T* dx);
+  void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,  \
+                      const T* a, const T* k, const T* d, T* dx, T* dz);
 
 // Explicit instantiations of the four kernels for data type T.
 #define SYNCBN_CPU_INSTANTIATE_KERNELS(T)                                                      \
   template void reduce_moments<T>(const Geometry&, const T*, const T*, double*, double*,       \
                                   Workspace&);                                                 \
-  template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, double*,         \
-                               double*, Workspace&);                                           \
-  template void normalize<T>(const Geometry&, const T*, const T*, const T*, const T*, T*);     \
+  template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, const T*,        \
+                               double*, double*, Workspace&);                                  \
+  template void normalize<T>(const Geometry&, const T*, const T*, const T*, const T*,          \
+                             const T*, bool, T*);                                              \
   template void backward_elemt<T>(const Geometry&, const T*, const T*, const T*, const T*,     \
-                                  const T*, const T*, T*);
+                                  const T*, const T*, const T*, T*, T*);
 
 namespace generic { SYNCBN_CPU_KERNEL_DECLARATIONS }
 namespace x86_64_v3 { SYNCBN_CPU_KERNEL_DECLARATIONS }
@@ -81,28 +81,31 @@ void reserve_workspace(Workspace& ws, std::int64_t channels);
 // merged in fp64 (docs/design.md section 3, "blocked partials merged in fp64"; a group's
 // relative error is about 16 ulp of its absolute sum, the merge adds none); where an fp32 group
 // overflows (|x - shift| above ~1e19) the reduction is redone in fp64. A shift near the mean
-// keeps the sums free of cancellation (core::unshift_moments turns them back into plain sums).
+// keeps the sums free of cancellation (the plan's shared shift, core/finalize.hpp).
 // Overwrites C values of each.
 template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws);
 
-// sum_g[c] = sum dy, sum_gx[c] = sum dy * (x - center[c]), accumulated in fp64 as in
-// reduce_moments (inner size 1: 16-row groups in the data type first, fp64 where they overflow).
+// sum_g[c] = sum g, sum_gx[c] = sum g * (x - center[c]), with g = dy, or dy * (y > 0) where y
+// (the fused forward's output) is not NULL; accumulated in fp64 as in reduce_moments (inner
+// size 1: 16-row groups in the data type first, fp64 where they overflow).
 template <class T>
-void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* center, double* sum_g,
-                 double* sum_gx, Workspace& ws);
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
+                 double* sum_g, double* sum_gx, Workspace& ws);
 
-// y = (x - center[c]) * scale[c] + shift[c]. y may equal x. Large outputs are advised as huge
-// pages first (memory.hpp), as in backward_elemt.
+// y = (x - center[c]) * scale[c] + shift[c]; with z (not NULL) y = max(that + z, 0), else with
+// relu y = max(that, 0) (NaN stays NaN, as torch.relu). y may equal x or z. Large outputs are
+// advised as huge pages first (memory.hpp), as in backward_elemt.
 template <class T>
-void normalize(const Geometry& g, const T* x, const T* center, const T* scale, const T* shift,
-               T* y);
+void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,
+               const T* shift, bool relu, T* y);
 
-// dx = a[c] * dy - k[c] * (x - center[c]) + d[c]. dx may equal dy or x.
+// With g = dy, or dy * (y > 0) where y is not NULL: dx = a[c] * g - k[c] * (x - center[c]) +
+// d[c], and dz = g where dz is not NULL (needs y). dx may equal dy or x; dz may equal dy.
 template <class T>
-void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* center, const T* a,
-                    const T* k, const T* d, T* dx);
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
+                    const T* a, const T* k, const T* d, T* dx, T* dz);
 
 }  // namespace syncbn::cpu
 

@@ -64,9 +64,11 @@ class CudaBackend final : public core::Backend {
               "current device " + std::to_string(device_) + ", NCCL communicator's " +
                   std::to_string(comm.device())};
     }
+    group_size_ = comm.size();
     const std::int64_t C = config_.num_features;
     st_.channels = C;
     st_.dtype = config_.dtype;
+    st_.activation = config_.activation;
     if (cudaDeviceGetAttribute(&st_.multiprocessors, cudaDevAttrMultiProcessorCount, device_) !=
         cudaSuccess) {
       st_.multiprocessors = 1;
@@ -80,6 +82,8 @@ class CudaBackend final : public core::Backend {
         slots_ * sizeof(double),                                              // buffer
         2 * c * sizeof(double),                                               // local
         4 * c * param_bytes,                                                  // coefficients
+        c * param_bytes,                                                      // shift
+        c * param_bytes,                                                      // local_shift
         2 * static_cast<std::size_t>(st_.partial_capacity) * sizeof(double),  // partials
         c * sizeof(unsigned),                                                 // counters
         sizeof(long long),                                                    // num_batches_next
@@ -115,11 +119,13 @@ class CudaBackend final : public core::Backend {
     st_.buffer = static_cast<double*>(parts[0]);
     st_.local = static_cast<double*>(parts[1]);
     st_.coefficients = parts[2];
-    st_.partials = static_cast<double*>(parts[3]);
-    st_.counters = static_cast<unsigned*>(parts[4]);
-    st_.num_batches_next = static_cast<long long*>(parts[5]);
-    st_.calls = static_cast<unsigned long long*>(parts[6]);
-    st_.record = static_cast<AsyncRecord*>(parts[7]);
+    st_.shift = parts[3];
+    st_.local_shift = parts[4];
+    st_.partials = static_cast<double*>(parts[5]);
+    st_.counters = static_cast<unsigned*>(parts[6]);
+    st_.num_batches_next = static_cast<long long*>(parts[7]);
+    st_.calls = static_cast<unsigned long long*>(parts[8]);
+    st_.record = static_cast<AsyncRecord*>(parts[9]);
     // Pinned host memory: the packed buffer's mirror for the communicator's host-side
     // exchanges, and the async record's copy (every device-to-host copy is asynchronous on the
     // caller's stream, so none waits for unrelated work).
@@ -191,16 +197,34 @@ class CudaBackend final : public core::Backend {
                       const std::int64_t* num_batches_tracked) override {
     DeviceSwitch on(device_);
     GuardWrite gw = guard_write(rank, call, num_batches_tracked);
-    reduce_or_guards(call, rank, gw, false,
-                     [&] { cuda::reduce_moments(st_, call.g, x, gw, call.stream); });
+    reduce_or_guards(call, rank, gw, false, [&] {
+      cuda::reduce_moments(st_, call.g, x, shift_of(call), gw, call.stream);
+    });
   }
 
-  void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* save_mean,
-                   bool keep_local) override {
+  // The host sees no sums here: a plan's calls refine their shift until a collective call has
+  // (its first forward_training), each channel on the device where its sums show it stale. A
+  // first call that failed on the device leaves the shift at 0 for one more call.
+  bool refine_shift(Call& call) override {
+    if (shift_ready_) return false;
+    DeviceSwitch on(device_);
+    try {
+      cuda::refine_shift(st_, call.collective ? group_size_ : 1, false, st_.shift,
+                         call.collective ? st_.shift : st_.local_shift, call.stream);
+    } catch (const core::Failure& f) {  // round 2 still runs, carrying this rank's failure
+      if (!call.err) call.err = {core::Arg::device, core::Problem::cuda_failed, f.what()};
+      call.count = 0;
+    }
+    if (call.collective) shift_ready_ = true;
+    return true;
+  }
+
+  void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
+                   const void* save_mean, bool keep_local) override {
     DeviceSwitch on(device_);
     GuardWrite gw = guard_write(rank, call, nullptr);
     reduce_or_guards(call, rank, gw, keep_local, [&] {
-      cuda::reduce_grad(st_, call.g, x, dy, save_mean, keep_local, gw, call.stream);
+      cuda::reduce_grad(st_, call.g, x, dy, y, save_mean, keep_local, gw, call.stream);
     });
   }
 
@@ -238,7 +262,8 @@ class CudaBackend final : public core::Backend {
 
   void finalize_forward(const Call& call, const core::ForwardFinalize& f) override {
     DeviceSwitch on(device_);
-    cuda::finalize_forward(st_, f, call.stream);
+    cuda::finalize_forward(st_, f, shift_of(call), call.collective ? st_.shift : nullptr,
+                           call.stream);
   }
 
   void finalize_running(const Call& call, double eps, bool affine, const void* weight,
@@ -254,14 +279,15 @@ class CudaBackend final : public core::Backend {
     cuda::finalize_backward(st_, f, call.stream);
   }
 
-  void normalize(const Call& call, const void* x, void* y) override {
+  void normalize(const Call& call, const void* x, const void* z, void* y) override {
     DeviceSwitch on(device_);
-    cuda::normalize(st_, call.g, x, y, call.stream);
+    cuda::normalize(st_, call.g, x, z, y, call.stream);
   }
 
-  void backward_elemt(const Call& call, const void* x, const void* dy, void* dx) override {
+  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y, void* dx,
+                      void* dz) override {
     DeviceSwitch on(device_);
-    cuda::backward_elemt(st_, call.g, x, dy, dx, call.stream);
+    cuda::backward_elemt(st_, call.g, x, dy, y, dx, dz, call.stream);
   }
 
   syncbn_status_t async_error(comm::Communicator& comm, std::uint64_t plan_tag,
@@ -303,6 +329,12 @@ class CudaBackend final : public core::Backend {
  private:
   static cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+  // The shift of a forward's sums (device memory): the group's, or after a refinement without
+  // communication this rank's own.
+  const void* shift_of(const Call& call) const {
+    return call.round > 1 && !call.collective ? st_.local_shift : st_.shift;
+  }
+
   // Whether stream is being captured (a query that fails counts as a capture: no event is
   // recorded or waited on then).
   static bool is_capturing(cudaStream_t stream) {
@@ -341,6 +373,7 @@ class CudaBackend final : public core::Backend {
         call.err ? nullptr : reinterpret_cast<const long long*>(num_batches_tracked);
     gw.rank = rank;
     gw.collective = call.collective;
+    gw.repeat = call.round > 1;
     return gw;
   }
 
@@ -386,6 +419,8 @@ class CudaBackend final : public core::Backend {
   bool ended_ = false;                    // call_done_ has been recorded
   double last_guards_[kGuardSlots] = {};  // this rank's guards of the current call
   bool guards_unwritten_ = false;         // this call's guards are not on the device
+  int group_size_ = 1;                    // the communicator's size
+  bool shift_ready_ = false;              // a collective call has refined the shared shift
   DeviceState st_;
 };
 

@@ -150,6 +150,11 @@ ClShape cl_shape(const Geometry& g, int V, int multiprocessors, std::int64_t max
 
 bool channels_last(const Geometry& g) { return g.inner == 1; }
 
+// The fused activation of the elementwise kernels (syncbn_activation_t), as a template argument.
+constexpr int kNoActivation = SYNCBN_ACTIVATION_NONE;
+constexpr int kRelu = SYNCBN_ACTIVATION_RELU;
+constexpr int kAddRelu = SYNCBN_ACTIVATION_ADD_RELU;
+
 // Whether 16-byte vectors can be used: the vectorized dimension is a multiple of the width and
 // every pointer is aligned.
 template <class T>
@@ -200,7 +205,7 @@ __device__ void put_guards(const DeviceState& st, const GuardWrite& gw) {
   if (linear_thread() != 0) return;
   double* b = st.buffer;
   for (std::size_t i = 0; i < kGuardSlots; ++i) b[i] = gw.slots[i];
-  core::put_sequence(b, gw.collective ? (*st.calls)++ : *st.calls);
+  core::put_sequence(b, !gw.collective ? *st.calls : gw.repeat ? *st.calls - 1 : (*st.calls)++);
   const long long* nbt = gw.num_batches_tracked;
   if (nbt != nullptr && *nbt < 0 && b[1] == 0.0) {
     core::put_error_slots(b, gw.rank,
@@ -210,18 +215,12 @@ __device__ void put_guards(const DeviceState& st, const GuardWrite& gw) {
   *st.num_batches_next = nbt != nullptr ? *nbt + 1 : 0;
 }
 
-// Where a channel's merged sums go: the buffer (forward: unshifted first) and, for backward
-// with local parameter gradients, st.local.
-template <class T, bool GRAD>
+// Where a channel's merged sums go: the buffer and, for backward with local parameter
+// gradients, st.local.
+template <bool GRAD>
 struct SumsStore {
-  const T* x;
-  std::int64_t shift_stride;  // the shift of channel c is x[c * shift_stride]
-  double count;
   bool keep_local;
   __device__ void operator()(const DeviceState& st, std::int64_t c, double s, double q) const {
-    if constexpr (!GRAD) {
-      core::unshift_moments(s, q, count, static_cast<double>(to_acc(x[c * shift_stride])));
-    }
     const std::int64_t C = st.channels;
     double* sums = st.buffer + kGuardSlots;
     sums[c] = s;
@@ -267,7 +266,8 @@ __device__ void finish_tile(const DeviceState& st, unsigned tile, std::int64_t c
 
 // ---- reductions ------------------------------------------------------------------------------
 
-// Per element: forward sums d = x - K and d^2; backward sums g = dy and g (x - K), K = mean.
+// Per element: forward sums d = x - K and d^2 (K = the call's shift); backward sums g = dy and
+// g (x - K), K = the saved mean.
 template <class T, bool GRAD>
 __device__ __forceinline__ void accumulate(T x, T dy, Acc<T> K, Acc<T>& s, Acc<T>& q) {
   if constexpr (GRAD) {
@@ -293,15 +293,26 @@ __device__ __forceinline__ void load_pair(const T* x, const T* dy, std::int64_t 
   }
 }
 
-template <class T, int V, bool GRAD>
+// The relu's backward on a vector of gradients: elements whose forward output y (at element i)
+// is not > 0 get 0 (relu'(0) = 0, as PyTorch's threshold_backward; NaN in y gives 0).
+template <class T, int V>
+__device__ __forceinline__ void mask_by(const T* y, std::int64_t i, Pack<T, V>& gv) {
+  const Pack<T, V> yv = load<T, V>(y + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (!(to_acc(yv.v[k]) > Acc<T>(0))) gv.v[k] = from_acc<T>(Acc<T>(0));
+  }
+}
+
+template <class T, int V, bool GRAD, bool MASK>
 __global__ void __launch_bounds__(kThreads)
 reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ dy,
-                 const Acc<T>* __restrict__ mean, std::int64_t N, std::int64_t S,
+                 const T* __restrict__ y, const Acc<T>* __restrict__ center, std::int64_t N, std::int64_t S,
                  std::int64_t seg, GuardWrite gw, bool keep_local) {
   const std::int64_t C = st.channels;
   const std::int64_t c = blockIdx.x;
   const int split_n = gridDim.y, split_s = gridDim.z;
-  const Acc<T> K = GRAD ? mean[c] : to_acc(x[c * S]);
+  const Acc<T> K = center[c];
   const std::int64_t s0 = static_cast<std::int64_t>(blockIdx.z) * seg;
   const std::int64_t s1 = s0 + seg < S ? s0 + seg : S;
   double sum[2] = {0.0, 0.0};
@@ -311,6 +322,7 @@ reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
          s += static_cast<std::int64_t>(blockDim.x) * V) {
       Pack<T, V> xv, gv;
       load_pair<T, V, GRAD>(x, dy, base + s, xv, gv);
+      if constexpr (MASK) mask_by<T, V>(y, base + s, gv);
       Acc<T> ps = 0, pq = 0;
 #pragma unroll
       for (int k = 0; k < V; ++k) accumulate<T, GRAD>(xv.v[k], gv.v[k], K, ps, pq);
@@ -326,14 +338,14 @@ reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
     st.partials[2 * (c * splits + j) + 1] = sum[1];
   }
   finish_tile(st, blockIdx.x, c, c + 1, splits,
-              SumsStore<T, GRAD>{x, S, static_cast<double>(N * S), keep_local});
+              SumsStore<GRAD>{keep_local});
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) put_guards(st, gw);
 }
 
-template <class T, int V, bool GRAD>
+template <class T, int V, bool GRAD, bool MASK>
 __global__ void __launch_bounds__(kThreads)
 reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ dy,
-                 const Acc<T>* __restrict__ mean, std::int64_t R, GuardWrite gw,
+                 const T* __restrict__ y, const Acc<T>* __restrict__ center, std::int64_t R, GuardWrite gw,
                  bool keep_local) {
   constexpr int kRowsPerFlush = 4;  // rows summed in Acc<T> before the fp64 accumulators
   __shared__ double shared[kThreads * 2 * V];
@@ -347,7 +359,7 @@ reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
   if (active) {
     Acc<T> K[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) K[k] = GRAD ? mean[c0 + k] : to_acc(x[c0 + k]);
+    for (int k = 0; k < V; ++k) K[k] = center[c0 + k];
     const std::int64_t stride = static_cast<std::int64_t>(gridDim.y) * bdy;
     std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * bdy + ty;
     while (r < R) {
@@ -359,6 +371,7 @@ reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
         if (r < R) {
           Pack<T, V> xv, gv;
           load_pair<T, V, GRAD>(x, dy, r * C + c0, xv, gv);
+          if constexpr (MASK) mask_by<T, V>(y, r * C + c0, gv);
 #pragma unroll
           for (int k = 0; k < V; ++k) accumulate<T, GRAD>(xv.v[k], gv.v[k], K[k], ps[k], pq[k]);
         }
@@ -400,15 +413,15 @@ reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
                                  ? c_begin + static_cast<std::int64_t>(bdx) * V
                                  : C;
   finish_tile(st, blockIdx.x, c_begin, c_end, splits,
-              SumsStore<T, GRAD>{x, 1, static_cast<double>(R), keep_local});
+              SumsStore<GRAD>{keep_local});
   if (blockIdx.x == 0 && blockIdx.y == 0) put_guards(st, gw);
 }
 
-template <class T, bool GRAD>
-void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy,
-            const Acc<T>* mean, bool keep_local, const GuardWrite& gw, cudaStream_t stream) {
+template <class T, bool GRAD, bool MASK = false>
+void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy, const T* y,
+            const Acc<T>* center, bool keep_local, const GuardWrite& gw, cudaStream_t stream) {
   const std::int64_t max_splits = st.partial_capacity / g.channels;
-  const bool vec = vectorizable<T>(g, {x, dy});
+  const bool vec = vectorizable<T>(g, {x, dy, y});
   // The merge counters from 0 in stream order (capturable): a residue that overlapping calls
   // left (calls the caller did not order) cannot make a later call merge early.
   cuda::check_cuda(cudaMemsetAsync(st.counters, 0,
@@ -417,16 +430,16 @@ void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy,
   if (channels_last(g)) {
     const ClShape sh = cl_shape(g, vec ? kVec<T> : 1, st.multiprocessors, max_splits);
     if (vec) {
-      reduce_cl_kernel<T, kVec<T>, GRAD><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, mean, g.outer, gw, keep_local);
+      reduce_cl_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, center, g.outer, gw, keep_local);
     } else {
-      reduce_cl_kernel<T, 1, GRAD><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, mean, g.outer, gw, keep_local);
+      reduce_cl_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, center, g.outer, gw, keep_local);
     }
   } else {
     const CfShape sh = cf_shape(g, vec ? kVec<T> : 1, st.multiprocessors, max_splits);
     if (vec) {
-      reduce_cf_kernel<T, kVec<T>, GRAD><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, mean, g.outer, g.inner, sh.seg, gw, keep_local);
+      reduce_cf_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, center, g.outer, g.inner, sh.seg, gw, keep_local);
     } else {
-      reduce_cf_kernel<T, 1, GRAD><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, mean, g.outer, g.inner, sh.seg, gw, keep_local);
+      reduce_cf_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, center, g.outer, g.inner, sh.seg, gw, keep_local);
     }
   }
   check_launch(GRAD ? "reduce_grad" : "reduce_moments");
@@ -456,8 +469,26 @@ __device__ void keep_record(const DeviceState& st, double m, bool track, std::ui
   r->flag = 1;
 }
 
+// Round 1's sums around shift give each channel its refined shift in out (core::refined_shift);
+// where the verdict fails, out keeps shift.
 template <class P>
-__global__ void finalize_forward_kernel(DeviceState st, core::ForwardFinalize f) {
+__global__ void refine_shift_kernel(DeviceState st, int group_size, bool track, const P* shift,
+                                    P* out) {
+  const std::int64_t C = st.channels;
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const double* sums = st.buffer + kGuardSlots;
+  const double m = sums[2 * C];
+  if (core::verdict_of(st.buffer, group_size, m, track) != core::Verdict::pass) {
+    out[c] = shift[c];
+    return;
+  }
+  core::refined_shift<P>(sums[c], sums[C + c], m, shift[c], out[c]);
+}
+
+template <class P>
+__global__ void finalize_forward_kernel(DeviceState st, core::ForwardFinalize f, const P* shift,
+                                        P* next_shift) {
   const std::int64_t C = st.channels;
   const double* sums = st.buffer + kGuardSlots;
   const double m = sums[2 * C];
@@ -476,7 +507,7 @@ __global__ void finalize_forward_kernel(DeviceState st, core::ForwardFinalize f)
   }
   if (c < C) {
     const double a = f.track ? core::running_factor(f.momentum, *st.num_batches_next) : 0.0;
-    core::finalize_forward_channel<P>(f, sums, C, c, m, a, coefficients);
+    core::finalize_forward_channel<P>(f, sums, C, c, m, a, shift, next_shift, coefficients);
   }
   if (c == 0 && f.track && f.num_batches_tracked) *f.num_batches_tracked = *st.num_batches_next;
 }
@@ -531,21 +562,46 @@ struct Coefficients {
       return {core::load(core::affine_arrays(coef, C), c)};
     }
   }
+  // Forward: act((x - center) scale + shift [+ z]) (dy is z with ACT kAddRelu, else unused);
+  // backward: a dy - k (x - center) + d (dy already masked by the caller).
+  template <int ACT>
   __device__ T apply(T x, T dy) const {
     const Acc<T> xc = to_acc(x) - co.center;
     if constexpr (BACKWARD) {
       return from_acc<T>(co.a * to_acc(dy) - co.k * xc + co.d);
     } else {
-      (void)dy;
-      return from_acc<T>(xc * co.scale + co.shift);
+      Acc<T> v = xc * co.scale + co.shift;
+      if constexpr (ACT == kAddRelu) v += to_acc(dy);
+      if constexpr (ACT != kNoActivation) v = v < Acc<T>(0) ? Acc<T>(0) : v;  // NaN stays NaN
+      return from_acc<T>(v);
     }
   }
 };
 
-template <class T, int V, bool BACKWARD>
+// The element pass of one vector at element i: forward o = act(...) of x (and z = aux); backward
+// with an activation g = dy masked by y = aux, o = dx of g, and dz = g where out2 is not NULL.
+template <class T, int V, bool BACKWARD, int ACT>
+__device__ __forceinline__ void element_pass(const Coefficients<T, BACKWARD>* co, int co_stride,
+                                             const T* x, const T* dy, const T* aux, T* out,
+                                             T* out2, std::int64_t i) {
+  Pack<T, V> xv, gv, o;
+  load_pair<T, V, BACKWARD>(x, dy, i, xv, gv);
+  if constexpr (BACKWARD && ACT != kNoActivation) {
+    mask_by<T, V>(aux, i, gv);
+    if (out2 != nullptr) store<T, V>(out2 + i, gv);
+  } else if constexpr (!BACKWARD && ACT == kAddRelu) {
+    gv = load<T, V>(aux + i);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) o.v[k] = co[k * co_stride].template apply<ACT>(xv.v[k], gv.v[k]);
+  store<T, V>(out + i, o);
+}
+
+template <class T, int V, bool BACKWARD, int ACT>
 __global__ void __launch_bounds__(kThreads)
-elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, T* out,
-                      std::int64_t N, std::int64_t C, std::int64_t S, std::int64_t seg) {
+elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, const T* aux,
+                      T* out, T* out2, std::int64_t N, std::int64_t C, std::int64_t S,
+                      std::int64_t seg) {
   const std::int64_t c = blockIdx.x;
   const auto co = Coefficients<T, BACKWARD>::of(coef, C, c);
   const std::int64_t s0 = static_cast<std::int64_t>(blockIdx.z) * seg;
@@ -554,19 +610,15 @@ elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, 
     const std::int64_t base = (n * C + c) * S;
     for (std::int64_t s = s0 + static_cast<std::int64_t>(threadIdx.x) * V; s < s1;
          s += static_cast<std::int64_t>(blockDim.x) * V) {
-      Pack<T, V> xv, gv, o;
-      load_pair<T, V, BACKWARD>(x, dy, base + s, xv, gv);
-#pragma unroll
-      for (int k = 0; k < V; ++k) o.v[k] = co.apply(xv.v[k], gv.v[k]);
-      store<T, V>(out + base + s, o);
+      element_pass<T, V, BACKWARD, ACT>(&co, 0, x, dy, aux, out, out2, base + s);
     }
   }
 }
 
-template <class T, int V, bool BACKWARD>
+template <class T, int V, bool BACKWARD, int ACT>
 __global__ void __launch_bounds__(kThreads)
-elementwise_cl_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, T* out,
-                      std::int64_t R, std::int64_t C) {
+elementwise_cl_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, const T* aux,
+                      T* out, T* out2, std::int64_t R, std::int64_t C) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;
   Coefficients<T, BACKWARD> co[V];
@@ -574,37 +626,50 @@ elementwise_cl_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, 
   for (int k = 0; k < V; ++k) co[k] = Coefficients<T, BACKWARD>::of(coef, C, c0 + k);
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < R;
        r += static_cast<std::int64_t>(gridDim.y) * blockDim.y) {
-    const std::int64_t i = r * C + c0;
-    Pack<T, V> xv, gv, o;
-    load_pair<T, V, BACKWARD>(x, dy, i, xv, gv);
-#pragma unroll
-    for (int k = 0; k < V; ++k) o.v[k] = co[k].apply(xv.v[k], gv.v[k]);
-    store<T, V>(out + i, o);
+    element_pass<T, V, BACKWARD, ACT>(co, 1, x, dy, aux, out, out2, r * C + c0);
   }
 }
 
-template <class T, bool BACKWARD>
-void elementwise(const DeviceState& st, const Geometry& g, const T* x, const T* dy, T* out,
-                 cudaStream_t stream) {
+template <class T, bool BACKWARD, int ACT>
+void elementwise_act(const DeviceState& st, const Geometry& g, const T* x, const T* dy,
+                     const T* aux, T* out, T* out2, cudaStream_t stream) {
   const auto* coef = static_cast<const Acc<T>*>(st.coefficients);
-  const bool vec = vectorizable<T>(g, {x, dy, out});
+  const bool vec = vectorizable<T>(g, {x, dy, aux, out, out2});
   constexpr std::int64_t kNoLimit = std::numeric_limits<std::int32_t>::max();
   if (channels_last(g)) {
     const ClShape sh = cl_shape(g, vec ? kVec<T> : 1, st.multiprocessors, kNoLimit);
     if (vec) {
-      elementwise_cl_kernel<T, kVec<T>, BACKWARD><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, out, g.outer, g.channels);
+      elementwise_cl_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels);
     } else {
-      elementwise_cl_kernel<T, 1, BACKWARD><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, out, g.outer, g.channels);
+      elementwise_cl_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels);
     }
   } else {
     const CfShape sh = cf_shape(g, vec ? kVec<T> : 1, st.multiprocessors, kNoLimit);
     if (vec) {
-      elementwise_cf_kernel<T, kVec<T>, BACKWARD><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, out, g.outer, g.channels, g.inner, sh.seg);
+      elementwise_cf_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels, g.inner, sh.seg);
     } else {
-      elementwise_cf_kernel<T, 1, BACKWARD><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, out, g.outer, g.channels, g.inner, sh.seg);
+      elementwise_cf_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels, g.inner, sh.seg);
     }
   }
   check_launch(BACKWARD ? "backward_elemt" : "normalize");
+}
+
+// The pass of the plan's activation: forward aux = z (ADD_RELU) or NULL; backward aux = y (the
+// mask, with an activation) and out2 = dz (may be NULL).
+template <class T, bool BACKWARD>
+void elementwise(const DeviceState& st, const Geometry& g, const T* x, const T* dy, const T* aux,
+                 T* out, T* out2, cudaStream_t stream) {
+  switch (st.activation) {
+    case SYNCBN_ACTIVATION_RELU:
+      elementwise_act<T, BACKWARD, kRelu>(st, g, x, dy, aux, out, out2, stream);
+      return;
+    case SYNCBN_ACTIVATION_ADD_RELU:
+      elementwise_act<T, BACKWARD, kAddRelu>(st, g, x, dy, aux, out, out2, stream);
+      return;
+    default:
+      elementwise_act<T, BACKWARD, kNoActivation>(st, g, x, dy, aux, out, out2, stream);
+      return;
+  }
 }
 
 }  // namespace
@@ -613,20 +678,28 @@ std::int64_t partial_capacity(std::int64_t channels) {
   return std::max(channels, kMinPartialCapacity);
 }
 
-void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, const GuardWrite& gw,
-                    void* stream) {
+void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, const void* shift,
+                    const GuardWrite& gw, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    reduce<T, false>(st, g, static_cast<const T*>(x), nullptr, nullptr, false, gw, as_stream(stream));
+    reduce<T, false>(st, g, static_cast<const T*>(x), nullptr, nullptr,
+                     static_cast<const Acc<T>*>(shift), false, gw, as_stream(stream));
   });
 }
 
 void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                 const void* save_mean, bool keep_local, const GuardWrite& gw, void* stream) {
+                 const void* y, const void* save_mean, bool keep_local, const GuardWrite& gw,
+                 void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    reduce<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy),
-                    static_cast<const Acc<T>*>(save_mean), keep_local, gw, as_stream(stream));
+    const auto* center = static_cast<const Acc<T>*>(save_mean);
+    if (y != nullptr) {
+      reduce<T, true, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy),
+                            static_cast<const T*>(y), center, keep_local, gw, as_stream(stream));
+    } else {
+      reduce<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy), nullptr, center,
+                      keep_local, gw, as_stream(stream));
+    }
   });
 }
 
@@ -637,11 +710,26 @@ void write_guards(const DeviceState& st, const GuardWrite& gw, bool zero_local, 
   check_launch("write_guards");
 }
 
-void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, void* stream) {
+void refine_shift(const DeviceState& st, int group_size, bool track, const void* shift, void* out,
+                  void* stream) {
   if (st.dtype == SYNCBN_FLOAT64) {
-    finalize_forward_kernel<double><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(st, f);
+    refine_shift_kernel<double><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(
+        st, group_size, track, static_cast<const double*>(shift), static_cast<double*>(out));
   } else {
-    finalize_forward_kernel<float><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(st, f);
+    refine_shift_kernel<float><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(
+        st, group_size, track, static_cast<const float*>(shift), static_cast<float*>(out));
+  }
+  check_launch("refine_shift");
+}
+
+void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, const void* shift,
+                      void* next_shift, void* stream) {
+  if (st.dtype == SYNCBN_FLOAT64) {
+    finalize_forward_kernel<double><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(
+        st, f, static_cast<const double*>(shift), static_cast<double*>(next_shift));
+  } else {
+    finalize_forward_kernel<float><<<channel_blocks(st.channels), kThreads, 0, as_stream(stream)>>>(
+        st, f, static_cast<const float*>(shift), static_cast<float*>(next_shift));
   }
   check_launch("finalize_forward");
 }
@@ -670,20 +758,22 @@ void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, v
   check_launch("finalize_backward");
 }
 
-void normalize(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream) {
+void normalize(const DeviceState& st, const Geometry& g, const void* x, const void* z, void* y,
+               void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    elementwise<T, false>(st, g, static_cast<const T*>(x), nullptr, static_cast<T*>(y),
-                          as_stream(stream));
+    elementwise<T, false>(st, g, static_cast<const T*>(x), nullptr, static_cast<const T*>(z),
+                          static_cast<T*>(y), nullptr, as_stream(stream));
   });
 }
 
 void backward_elemt(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                    void* dx, void* stream) {
+                    const void* y, void* dx, void* dz, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     elementwise<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy),
-                         static_cast<T*>(dx), as_stream(stream));
+                         static_cast<const T*>(y), static_cast<T*>(dx), static_cast<T*>(dz),
+                         as_stream(stream));
   });
 }
 

@@ -40,10 +40,13 @@ struct AsyncRecord {
 struct DeviceState {
   std::int64_t channels = 0;
   syncbn_dtype_t dtype = SYNCBN_FLOAT32;
+  syncbn_activation_t activation = SYNCBN_ACTIVATION_NONE;
   int multiprocessors = 1;
   double* buffer = nullptr;      // [guards (kGuardSlots) | 2C | m], the allreduced buffer
   double* local = nullptr;       // 2C: this rank's sums, kept across the allreduce
   void* coefficients = nullptr;  // 4C of the accumulation type (float, or double for fp64)
+  void* shift = nullptr;         // C of the same type: the group's shared shift (core/finalize.hpp)
+  void* local_shift = nullptr;   // C: a call without communication refines its own here
   double* partials = nullptr;    // 2 * partial_capacity
   std::int64_t partial_capacity = 0;
   unsigned* counters = nullptr;  // C: blocks of a tile done, modulo the tile's splits
@@ -66,26 +69,36 @@ struct GuardWrite {
   const long long* num_batches_tracked;
   int rank;
   bool collective;  // a collective call: it takes the call counter's next number
+  bool repeat;      // a forward's round 2: the same number as its round 1
 };
 
-// Local shifted moments of x into the buffer (unshifted in fp64 before they are written, see
-// core::unshift_moments), then the guards. g.count_per_channel() > 0.
-void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, const GuardWrite& gw,
-                    void* stream);
+// Local moments of x around shift (C values of the accumulation type: sum (x - K) and
+// sum (x - K)^2, see core::moments_from_sums) into the buffer, then the guards.
+// g.count_per_channel() > 0.
+void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, const void* shift,
+                    const GuardWrite& gw, void* stream);
 
-// Local sum dy and sum dy (x - save_mean) into the buffer, and into st.local when keep_local.
+// Local sum g and sum g (x - save_mean) into the buffer, and into st.local when keep_local; g = dy,
+// or dy * (y > 0) where y (the fused forward's output) is not NULL.
 void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                 const void* save_mean, bool keep_local, const GuardWrite& gw, void* stream);
+                 const void* y, const void* save_mean, bool keep_local, const GuardWrite& gw,
+                 void* stream);
 
 // The buffer of a rank with nothing to add (an empty batch, or arguments it rejected): zeros
 // and the guards.
 void write_guards(const DeviceState& st, const GuardWrite& gw, bool zero_local, void* stream);
 
-// From the group's buffer: the verdict (core::verdict_of); then per channel
+// From the group's buffer of a round 1 around shift: per channel core::refined_shift into out
+// (out = shift where the verdict fails).
+void refine_shift(const DeviceState& st, int group_size, bool track, const void* shift, void* out,
+                  void* stream);
+
+// From the group's buffer around shift: the verdict (core::verdict_of); then per channel
 // core::finalize_forward_channel (mean, invstd, the coefficients, the saved and the running
-// statistics). On a failed verdict: coefficients and saved statistics NaN, running statistics
-// untouched, the record kept.
-void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, void* stream);
+// statistics, and next_shift unless NULL). On a failed verdict: coefficients and saved
+// statistics NaN, running statistics and next_shift untouched, the record kept.
+void finalize_forward(const DeviceState& st, const core::ForwardFinalize& f, const void* shift,
+                      void* next_shift, void* stream);
 
 // Affine coefficients from running statistics (inference).
 void finalize_running(const DeviceState& st, double eps, bool affine, const void* weight,
@@ -95,13 +108,15 @@ void finalize_running(const DeviceState& st, double eps, bool affine, const void
 // The same from the backward's buffer (core::finalize_backward_channel).
 void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, void* stream);
 
-// The normalize pass: y = (x - center) * scale + shift with the coefficients of
-// finalize_forward/_running.
-void normalize(const DeviceState& st, const Geometry& g, const void* x, void* y, void* stream);
+// The normalize pass: y = act((x - center) * scale + shift [+ z]) with the coefficients of
+// finalize_forward/_running and st.activation (z: ADD_RELU's residual, else NULL).
+void normalize(const DeviceState& st, const Geometry& g, const void* x, const void* z, void* y,
+               void* stream);
 
-// dx = a dy - k (x - center) + d with the coefficients of finalize_backward.
+// dx = a g - k (x - center) + d with the coefficients of finalize_backward, g = dy, or with
+// st.activation dy * (y > 0), and dz = g where dz is not NULL.
 void backward_elemt(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                    void* dx, void* stream);
+                    const void* y, void* dx, void* dz, void* stream);
 
 }  // namespace syncbn::cuda
 

@@ -18,6 +18,7 @@ using torch::autograd::variable_list;
 // not an autograd input; the running statistics are updated in place by the library.
 struct TrainingState {
   syncbn::BatchNorm plan;
+  syncbn_activation_t activation;  // the plan's
   int64_t num_features;
   torch::Tensor running_mean;         // undefined when !track_running_stats
   torch::Tensor running_var;          // undefined when !track_running_stats
@@ -42,11 +43,16 @@ int64_t* counter_or_null(const torch::Tensor& t) {
 
 std::vector<int64_t> shape_of(const torch::Tensor& t) { return t.sizes().vec(); }
 
-// Batch norm over the ranks of a plan. x is contiguous in the plan's layout, with the shape the
-// plan expects for it ((N, C, *spatial) or (N, *spatial, C)).
+// Batch norm over the ranks of a plan, with the plan's activation, through the C API's named-
+// argument calls (syncbn::BatchNorm's overloads taking syncbn_forward_args_t and
+// syncbn_backward_args_t) for every layer, activation NONE included. x (and z, the residual of
+// SYNCBN_ACTIVATION_ADD_RELU, undefined otherwise) are contiguous in the plan's layout, with the
+// shape the plan expects ((N, C, *spatial) or (N, *spatial, C)). z is optional (autograd takes no
+// undefined Tensor as input); when given it is autograd input 1, after x (needs_input_grad(1)).
 class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const c10::optional<torch::Tensor>& z,
                                const c10::optional<torch::Tensor>& weight,
                                const c10::optional<torch::Tensor>& bias,
                                const TrainingState& state) {
@@ -54,25 +60,41 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
     torch::Tensor y = torch::empty_like(x);
     torch::Tensor save_mean = torch::empty({state.num_features}, x.options());
     torch::Tensor save_invstd = torch::empty({state.num_features}, x.options());
+    const std::vector<int64_t> shape = shape_of(x);
+    syncbn_forward_args_t args{};
+    args.ndim = static_cast<int>(shape.size());
+    args.shape = shape.data();
+    args.x = x.data_ptr();
+    args.z = data_or_null(z);
+    args.weight = data_or_null(weight);
+    args.bias = data_or_null(bias);
+    args.y = y.data_ptr();
+    args.save_mean = save_mean.data_ptr();
+    args.save_invstd = save_invstd.data_ptr();
+    args.running_mean = data_or_null(state.running_mean);
+    args.running_var = data_or_null(state.running_var);
+    args.num_batches_tracked = counter_or_null(state.num_batches_tracked);
     syncbn::BatchNorm plan = state.plan;
     const CudaDeviceScope device(x.device());
-    plan.forward_training(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
-                          y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
-                          data_or_null(state.running_mean), data_or_null(state.running_var),
-                          counter_or_null(state.num_batches_tracked));
-    ctx->save_for_backward({x, weight.value_or(torch::Tensor()), save_mean, save_invstd});
+    plan.forward_training(args);
+    // With an activation, backward needs the output (its mask y > 0).
+    const bool fused = state.activation != SYNCBN_ACTIVATION_NONE;
+    ctx->save_for_backward({x, weight.value_or(torch::Tensor()), save_mean, save_invstd,
+                            fused ? y : torch::Tensor()});
     ctx->saved_data["plan"] = c10::IValue::make_capsule(c10::make_intrusive<PlanHolder>(plan));
+    ctx->saved_data["dz"] = z.has_value();  // ADD_RELU with its residual
     return y;
   }
 
-  // Returns dx and this rank's dweight, dbias (undefined when the layer has no affine
-  // parameters), and nothing for the state.
+  // Returns dx, dz (ADD_RELU, where z needs it; else undefined) and this rank's dweight, dbias
+  // (undefined when the layer has no affine parameters), and nothing for the state.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const torch::Tensor& x = saved[0];
     const torch::Tensor& weight = saved[1];
     const torch::Tensor& save_mean = saved[2];
     const torch::Tensor& save_invstd = saved[3];
+    const torch::Tensor& y = saved[4];  // undefined without an activation
     syncbn::BatchNorm plan =
         c10::static_intrusive_pointer_cast<PlanHolder>(ctx->saved_data["plan"].toCapsule())->plan;
 
@@ -80,16 +102,29 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
     const torch::Tensor dy = grad_outputs[0].defined() ? grad_outputs[0].contiguous()
                                                       : torch::zeros_like(x);
     torch::Tensor dx = torch::empty_like(x);
-    torch::Tensor dweight, dbias;
+    torch::Tensor dweight, dbias, dz;
     if (weight.defined()) {
       dweight = torch::empty_like(save_mean);
       dbias = torch::empty_like(save_mean);
     }
+    if (ctx->saved_data["dz"].toBool() && ctx->needs_input_grad(1)) dz = torch::empty_like(x);
+    const std::vector<int64_t> shape = shape_of(x);
+    syncbn_backward_args_t args{};
+    args.ndim = static_cast<int>(shape.size());
+    args.shape = shape.data();
+    args.x = x.data_ptr();
+    args.y = data_or_null(y);
+    args.dy = dy.data_ptr();
+    args.weight = data_or_null(weight);
+    args.save_mean = save_mean.data_ptr();
+    args.save_invstd = save_invstd.data_ptr();
+    args.dx = dx.data_ptr();
+    args.dz = data_or_null(dz);
+    args.dweight = data_or_null(dweight);
+    args.dbias = data_or_null(dbias);
     const CudaDeviceScope device(x.device());
-    plan.backward(shape_of(x), x.data_ptr(), dy.data_ptr(), data_or_null(weight),
-                  save_mean.data_ptr(), save_invstd.data_ptr(), dx.data_ptr(),
-                  data_or_null(dweight), data_or_null(dbias));
-    return {dx, dweight, dbias, torch::Tensor()};
+    plan.backward(args);
+    return {dx, dz, dweight, dbias, torch::Tensor()};
   }
 };
 
@@ -116,7 +151,7 @@ std::string describe(const torch::Tensor& t) {
 }
 
 syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, torch::Dtype dtype,
-                                 const torch::Device& device) {
+                                 const torch::Device& device, syncbn_activation_t activation) {
   syncbn_config_t config = syncbn::make_config(
       o.num_features(), dtype == torch::kFloat64 ? SYNCBN_FLOAT64 : SYNCBN_FLOAT32);
   config.device = device.is_cuda() ? SYNCBN_DEVICE_CUDA : SYNCBN_DEVICE_CPU;
@@ -125,6 +160,7 @@ syncbn_config_t make_plan_config(const SyncBatchNormOptions& o, torch::Dtype dty
   config.affine = o.affine() ? 1 : 0;
   config.track_running_stats = o.track_running_stats() ? 1 : 0;
   config.layout = o.channels_last() ? SYNCBN_CHANNELS_LAST : SYNCBN_CHANNELS_FIRST;
+  config.activation = activation;
   return config;
 }
 
@@ -141,9 +177,10 @@ torch::Device layer_device(const torch::Device& requested) {
 // COLLECTIVE over comm. The plan of a layer for dtype (float32 or float64) on device; CUDA plans
 // belong to the device current at their creation.
 syncbn::BatchNorm make_plan(const syncbn::Communicator& comm, const SyncBatchNormOptions& o,
-                            torch::Dtype dtype, const torch::Device& device) {
+                            torch::Dtype dtype, const torch::Device& device,
+                            syncbn_activation_t activation) {
   const CudaDeviceScope scope(device);
-  return syncbn::BatchNorm(comm, make_plan_config(o, dtype, device));
+  return syncbn::BatchNorm(comm, make_plan_config(o, dtype, device, activation));
 }
 
 }  // namespace
@@ -159,9 +196,18 @@ syncbn::BatchNorm make_plan(const syncbn::Communicator& comm, const SyncBatchNor
 // (check_arguments), so every rank still fails the call alike.
 SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
                                      const SyncBatchNormOptions& options)
-    : options_(options), device_(layer_device(options.device())), comm_(comm) {
+    : SyncBatchNormImpl(comm, options, SYNCBN_ACTIVATION_NONE, "SyncBatchNorm") {}
+
+SyncBatchNormImpl::SyncBatchNormImpl(const syncbn::Communicator& comm,
+                                     const SyncBatchNormOptions& options,
+                                     syncbn_activation_t activation, const char* name)
+    : activation_(activation),
+      name_(name),
+      options_(options),
+      device_(layer_device(options.device())),
+      comm_(comm) {
   options_.device(device_);
-  plan_ = make_plan(comm_, options_, dtype_, device_);
+  plan_ = make_plan(comm_, options_, dtype_, device_, activation_);
   const int64_t c = options_.num_features();
   // float32 whatever torch's default dtype: the plan's (to() changes both together).
   const auto on_device = torch::TensorOptions().device(device_).dtype(dtype_);
@@ -192,7 +238,8 @@ void SyncBatchNormImpl::set_dtype(torch::Dtype dtype) {
   // The new plan first: its creation is collective, and no rank may throw before it (the old
   // plan's recorded errors are this rank's). Then the old plan's errors, reported on this rank
   // once the layer has its new dtype on every rank.
-  syncbn::BatchNorm old = std::exchange(plan_, make_plan(comm_, options_, dtype, device_));
+  syncbn::BatchNorm old =
+      std::exchange(plan_, make_plan(comm_, options_, dtype, device_, activation_));
   dtype_ = dtype;
 #ifdef SYNCBN_TORCH_CUDA
   if (device_.is_cuda()) {
@@ -240,7 +287,7 @@ void SyncBatchNormImpl::reset_parameters() {
 }
 
 void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
-  stream << "SyncBatchNorm(" << options_.num_features() << ", eps=" << options_.eps()
+  stream << name_ << "(" << options_.num_features() << ", eps=" << options_.eps()
          << ", momentum=";
   if (options_.momentum().has_value()) {
     stream << *options_.momentum();
@@ -286,20 +333,25 @@ void check_async_errors(torch::nn::Module& module) {
 // here: a rank throwing before the collective would leave its peers waiting in it. The library
 // checks ndim and C inside the collective, so a bad shape on one rank fails on every rank with a
 // message naming it. Only what would make the library read memory wrongly is refused locally.
-void SyncBatchNormImpl::check_arguments(const torch::Tensor& input) {
-  TORCH_CHECK(input.device() == device_, "SyncBatchNorm: the layer is on ", device_,
+void SyncBatchNormImpl::check_arguments(const torch::Tensor& input, const torch::Tensor& z) {
+  TORCH_CHECK(input.device() == device_, name_, ": the layer is on ", device_,
               " but the input is ", describe(input),
               device_.is_cpu() ? "; for CUDA input construct the layer with "
                                  "SyncBatchNormOptions::device"
                                : "");
+  TORCH_CHECK(!z.defined() || z.device() == device_, name_, ": the layer is on ", device_,
+              " but the residual z is ", describe(z));
   for (const torch::Tensor* t :
        {&weight, &bias, &running_mean, &running_var, &num_batches_tracked}) {
     TORCH_CHECK(!t->defined() || t->device() == device_, "SyncBatchNorm: the layer's plan is "
                 "for ", device_, " but its parameters/statistics are on ", t->device(),
                 "; the layer cannot move between devices (set SyncBatchNormOptions::device)");
   }
+  const syncbn_call_t call =
+      is_training() ? SYNCBN_CALL_FORWARD_TRAINING : SYNCBN_CALL_FORWARD_INFERENCE;
   const std::pair<const char*, const torch::Tensor*> tensors[] = {
       {"x", &input},
+      {"z", &z},
       {"weight", &weight},
       {"bias", &bias},
       {"running_mean", &running_mean},
@@ -307,45 +359,80 @@ void SyncBatchNormImpl::check_arguments(const torch::Tensor& input) {
   for (const auto& [name, t] : tensors) {
     if (!t->defined() || t->scalar_type() == dtype_) continue;
     std::ostringstream detail;
-    detail << "SyncBatchNorm: " << name << " is " << t->scalar_type() << " but the layer is "
+    detail << name_ << ": " << name << " is " << t->scalar_type() << " but the layer is "
            << dtype_ << "; pass input of the layer's dtype, or move the module with ->to(dtype) "
            << "(float32 or float64) on every rank";
     const CudaDeviceScope device(device_);
-    plan_.reject_call(is_training() ? SYNCBN_CALL_FORWARD_TRAINING : SYNCBN_CALL_FORWARD_INFERENCE,
-                      name, SYNCBN_PROBLEM_DTYPE, detail.str().c_str());
+    plan_.reject_call(call, name, SYNCBN_PROBLEM_DTYPE, detail.str().c_str());
+  }
+  // The library sees x's shape only: a z of another shape is this rank's to reject.
+  if (z.defined() && z.sizes() != input.sizes()) {
+    std::ostringstream detail;
+    detail << name_ << ": the residual z is " << describe(z) << ", the input " << describe(input);
+    const CudaDeviceScope device(device_);
+    plan_.reject_call(call, "z", SYNCBN_PROBLEM_SHAPE, detail.str().c_str());
   }
 }
 
 torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
+  return forward_fused(input, torch::Tensor());
+}
+
+torch::Tensor SyncBatchNormImpl::forward_fused(const torch::Tensor& input, const torch::Tensor& z) {
   keep_counter_int64();  // a parent module's to(dtype) converts it without calling ours
-  check_arguments(input);
-  if (!is_training()) return forward_eval(input);
+  check_arguments(input, z);
+  if (!is_training()) return forward_eval(input, z);
   const bool channels_last = options_.channels_last();
   const torch::Tensor x = to_plan_layout(input, channels_last);
+  const torch::Tensor residual = z.defined() ? to_plan_layout(z, channels_last) : z;
   const auto optional_param = [](const torch::Tensor& t) {
     return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
   };
-  const TrainingState state{plan_, options_.num_features(), running_mean, running_var,
-                            num_batches_tracked};
-  const torch::Tensor y =
-      SyncBatchNormFunction::apply(x, optional_param(weight), optional_param(bias), state);
+  const TrainingState state{plan_, activation_, options_.num_features(), running_mean,
+                            running_var, num_batches_tracked};
+  const torch::Tensor y = SyncBatchNormFunction::apply(
+      x, optional_param(residual), optional_param(weight), optional_param(bias), state);
   return from_plan_layout(y, channels_last);
 }
 
-torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input) {
+torch::Tensor SyncBatchNormImpl::forward_eval(const torch::Tensor& input, const torch::Tensor& z) {
   const bool needs_grad =
       input.requires_grad() || (weight.defined() && weight.requires_grad()) ||
-      (bias.defined() && bias.requires_grad());
-  TORCH_CHECK(!(torch::GradMode::is_enabled() && needs_grad),
-              "SyncBatchNorm: evaluation mode is not differentiable; evaluate under "
+      (bias.defined() && bias.requires_grad()) || (z.defined() && z.requires_grad());
+  TORCH_CHECK(!(torch::GradMode::is_enabled() && needs_grad), name_,
+              ": evaluation mode is not differentiable; evaluate under "
               "torch::NoGradGuard (or put the module in training mode)");
   const bool channels_last = options_.channels_last();
   const torch::Tensor x = to_plan_layout(input, channels_last);
+  const torch::Tensor residual = z.defined() ? to_plan_layout(z, channels_last) : z;
   torch::Tensor y = torch::empty_like(x);
+  const std::vector<int64_t> shape = shape_of(x);
+  syncbn_forward_args_t args{};
+  args.ndim = static_cast<int>(shape.size());
+  args.shape = shape.data();
+  args.x = x.data_ptr();
+  args.z = data_or_null(residual);
+  args.weight = data_or_null(weight);
+  args.bias = data_or_null(bias);
+  args.y = y.data_ptr();
+  args.running_mean = data_or_null(running_mean);
+  args.running_var = data_or_null(running_var);
   const CudaDeviceScope device(x.device());
-  plan_.forward_inference(shape_of(x), x.data_ptr(), data_or_null(weight), data_or_null(bias),
-                         data_or_null(running_mean), data_or_null(running_var), y.data_ptr());
+  plan_.forward_inference(args);
   return from_plan_layout(y, channels_last);
+}
+
+SyncBatchNormReLUImpl::SyncBatchNormReLUImpl(const syncbn::Communicator& comm,
+                                             const SyncBatchNormOptions& options)
+    : SyncBatchNormImpl(comm, options, SYNCBN_ACTIVATION_RELU, "SyncBatchNormReLU") {}
+
+SyncBatchNormAddReLUImpl::SyncBatchNormAddReLUImpl(const syncbn::Communicator& comm,
+                                                   const SyncBatchNormOptions& options)
+    : SyncBatchNormImpl(comm, options, SYNCBN_ACTIVATION_ADD_RELU, "SyncBatchNormAddReLU") {}
+
+torch::Tensor SyncBatchNormAddReLUImpl::forward(const torch::Tensor& input,
+                                                const torch::Tensor& z) {
+  return forward_fused(input, z);
 }
 
 }  // namespace syncbn_torch

@@ -6,8 +6,11 @@
 // first and last, with and without affine parameters, momentum 0.1 and cumulative, float32 and
 // float64. Then the layer's one plan: a rank whose input is not of the layer's dtype fails the
 // call on every rank, naming that rank; ->to(dtype) makes the plan for the new dtype; and a
-// counting communicator sees one plan creation per layer and per change of dtype. Exits nonzero
-// on any mismatch.
+// counting communicator sees one plan creation per layer and per change of dtype. The fused
+// layers, SyncBatchNormReLU and SyncBatchNormAddReLU, against torch::relu(batch_norm(x) [+ z])
+// the same way (with z's gradient; (N, C) to (N, C, D, H, W), z in the other memory format than
+// x), outputs exactly 0 (relu'(0) = 0), a bad z on the last rank, and SyncBatchNormReLU inside a
+// torch::nn::Sequential. Exits nonzero on any mismatch.
 //
 //   test_sync_batch_norm [--device cpu|cuda] [--comm mpi|nccl]
 //
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,7 +40,9 @@
 namespace {
 
 using syncbn_torch::SyncBatchNorm;
+using syncbn_torch::SyncBatchNormAddReLU;
 using syncbn_torch::SyncBatchNormOptions;
+using syncbn_torch::SyncBatchNormReLU;
 namespace F = torch::nn::functional;
 
 int mpi_rank(MPI_Comm comm) {
@@ -69,14 +75,40 @@ struct Case {
   bool affine;
   c10::optional<double> momentum;
   torch::Dtype dtype;
+  syncbn_activation_t activation = SYNCBN_ACTIVATION_NONE;
 
   std::string name() const {
+    static const char* const activations[] = {"", " relu", " add_relu"};
     return std::to_string(spatial_dims) + "d" + (channels_last ? " channels_last" : "") +
            (affine ? " affine" : " no-affine") +
            (momentum ? " momentum=" + std::to_string(*momentum) : " cumulative") +
-           (dtype == torch::kFloat64 ? " float64" : " float32");
+           (dtype == torch::kFloat64 ? " float64" : " float32") + activations[activation];
   }
   double tolerance() const { return dtype == torch::kFloat64 ? 1e-12 : 2e-5; }
+  bool add() const { return activation == SYNCBN_ACTIVATION_ADD_RELU; }
+};
+
+// A layer of the case's activation: SyncBatchNorm, SyncBatchNormReLU or SyncBatchNormAddReLU,
+// called with the residual z where it takes one.
+struct Layer {
+  std::shared_ptr<syncbn_torch::SyncBatchNormImpl> bn;
+  std::shared_ptr<syncbn_torch::SyncBatchNormAddReLUImpl> add;  // ADD_RELU only
+
+  Layer(const syncbn::Communicator& comm, const SyncBatchNormOptions& options,
+        syncbn_activation_t activation) {
+    if (activation == SYNCBN_ACTIVATION_ADD_RELU) {
+      add = SyncBatchNormAddReLU(comm, options).ptr();
+      bn = add;
+    } else if (activation == SYNCBN_ACTIVATION_RELU) {
+      bn = SyncBatchNormReLU(comm, options).ptr();
+    } else {
+      bn = SyncBatchNorm(comm, options).ptr();
+    }
+  }
+  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& z) const {
+    return add ? add->forward(x, z) : bn->forward(x);
+  }
+  syncbn_torch::SyncBatchNormImpl* operator->() const { return bn.get(); }
 };
 
 class Checker {
@@ -128,8 +160,17 @@ int64_t global_count(int ranks) {
 }
 
 torch::Tensor in_layout(const torch::Tensor& t, const Case& c) {
-  return c.channels_last && t.dim() == 4 ? t.contiguous(torch::MemoryFormat::ChannelsLast)
-                                         : t.contiguous();
+  if (c.channels_last && t.dim() == 4) return t.contiguous(torch::MemoryFormat::ChannelsLast);
+  if (c.channels_last && t.dim() == 5) return t.contiguous(torch::MemoryFormat::ChannelsLast3d);
+  return t.contiguous();
+}
+
+// The global batch's shape for the case: (N, C, *spatial).
+std::vector<int64_t> global_shape(const Case& c, int ranks) {
+  std::vector<int64_t> shape{global_count(ranks), kChannels};
+  static const std::vector<int64_t> spatial[] = {{}, {6}, {4, 5}, {2, 3, 2}};
+  shape.insert(shape.end(), spatial[c.spatial_dims].begin(), spatial[c.spatial_dims].end());
+  return shape;
 }
 
 // The reference: torch's functional batch norm over the global batch, with its own statistics.
@@ -146,15 +187,20 @@ struct Reference {
     }
   }
 
-  torch::Tensor forward(const torch::Tensor& x, bool training, const Case& c) {
+  // batch_norm(x), relu(batch_norm(x)) or relu(batch_norm(x) + z), by c.activation.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& z, bool training,
+                        const Case& c) {
     double momentum = c.momentum.value_or(0.0);
     if (training) {
       ++num_batches;
       if (!c.momentum) momentum = 1.0 / static_cast<double>(num_batches);
     }
-    return F::batch_norm(x, running_mean, running_var,
-                         F::BatchNormFuncOptions().weight(weight).bias(bias).training(training)
-                             .momentum(momentum).eps(1e-5));
+    torch::Tensor y =
+        F::batch_norm(x, running_mean, running_var,
+                      F::BatchNormFuncOptions().weight(weight).bias(bias).training(training)
+                          .momentum(momentum).eps(1e-5));
+    if (c.activation == SYNCBN_ACTIVATION_ADD_RELU) y = y + z;
+    return c.activation == SYNCBN_ACTIVATION_NONE ? y : torch::relu(y);
   }
 };
 
@@ -200,11 +246,14 @@ void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
   const double tol = c.tolerance();
   const std::string name = c.name();
 
-  SyncBatchNorm bn(comm, SyncBatchNormOptions(kChannels)
-                             .affine(c.affine)
-                             .momentum(c.momentum)
-                             .channels_last(c.channels_last)
-                             .device(device));
+  const Layer bn(comm,
+                 SyncBatchNormOptions(kChannels)
+                     .affine(c.affine)
+                     .momentum(c.momentum)
+                     .channels_last(c.channels_last)
+                     .device(device),
+                 c.activation);
+  if (bn->activation() != c.activation) check.fail(name, "activation() is not the layer's");
   bn->to(c.dtype);
   torch::manual_seed(7);  // the same global data and parameters on every rank
   if (c.affine) {
@@ -214,26 +263,42 @@ void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
   }
   Reference ref(bn->weight, bn->bias, c.dtype);
 
-  std::vector<int64_t> shape{global_count(ranks), kChannels};
-  if (c.spatial_dims == 2) shape.insert(shape.end(), {4, 5});
+  const std::vector<int64_t> shape = global_shape(c, ranks);
+  // A residual around the outputs' scale, so that relu cuts a part of y + z.
+  const auto draw_z = [&] { return c.add() ? (torch::randn(shape) - 0.5).to(c.dtype)
+                                           : torch::Tensor(); };
   for (int step = 0; step < kSteps; ++step) {
     const torch::Tensor x = (torch::randn(shape) * 3 + 2).to(c.dtype);
+    const torch::Tensor z = draw_z();
     const torch::Tensor g = torch::randn(shape).to(c.dtype);  // dLoss/dy
 
     const torch::Tensor x_ref = x.clone().requires_grad_();
-    const torch::Tensor y_ref = ref.forward(x_ref, true, c);
+    const torch::Tensor z_ref = c.add() ? z.clone().requires_grad_() : z;
+    const torch::Tensor y_ref = ref.forward(x_ref, z_ref, true, c);
     (y_ref * g).sum().backward();
 
     bn->train();
     const torch::Tensor x_local =
         in_layout(x.narrow(0, offset, count), c).to(device).requires_grad_();
-    const torch::Tensor y_local = bn(x_local);
+    // z in the other memory format than x at the second step (copied into the layer's).
+    const torch::Tensor z_local =
+        !c.add() ? z
+        : step == 0 ? in_layout(z.narrow(0, offset, count), c).to(device).requires_grad_()
+                    : z.narrow(0, offset, count).contiguous().to(device).requires_grad_();
+    const torch::Tensor y_local = bn(x_local, z_local);
     (y_local * g.narrow(0, offset, count).to(device)).sum().backward();
     bn->check_async_error();  // CUDA over NCCL: errors the device found; nothing otherwise
 
     const std::string at = name + " step " + std::to_string(step);
     check.expect_close(at + " y", y_local, y_ref.narrow(0, offset, count), tol);
     check.expect_close(at + " dx", x_local.grad(), x_ref.grad().narrow(0, offset, count), tol);
+    if (c.add()) {
+      check.expect_close(at + " dz", z_local.grad(), z_ref.grad().narrow(0, offset, count), tol);
+    }
+    if (c.activation != SYNCBN_ACTIVATION_NONE && y_local.numel() > 0 &&
+        y_local.min().item<double>() < 0) {
+      check.fail(at, "y has negative values");
+    }
     if (c.affine) {
       check.expect_close(at + " dweight (summed)", summed_over_ranks(bn->weight.grad(), mpi),
                          ref.weight.grad(), tol);
@@ -254,8 +319,138 @@ void run_case(const Case& c, const Setup& setup, MPI_Comm mpi, Checker& check) {
   torch::NoGradGuard no_grad;
   bn->eval();
   const torch::Tensor x = (torch::randn(shape) * 3 + 2).to(c.dtype);
-  check.expect_close(name + " eval y", bn(in_layout(x.narrow(0, offset, count), c).to(device)),
-                     ref.forward(x, false, c).narrow(0, offset, count), tol);
+  const torch::Tensor z = draw_z();
+  const torch::Tensor z_local =
+      c.add() ? in_layout(z.narrow(0, offset, count), c).to(device) : z;
+  check.expect_close(name + " eval y",
+                     bn(in_layout(x.narrow(0, offset, count), c).to(device), z_local),
+                     ref.forward(x, z, false, c).narrow(0, offset, count), tol);
+}
+
+// relu'(0) = 0, as torch's: channel 0 is constant over the global batch (2.0, which normalizes
+// to exactly 0) with bias 0, channel 1 has weight 0 and bias 0, so bn(x) is exactly 0 there (with
+// add_relu z is 0 at every other element there): y is exactly 0 and its gradient reaches neither
+// x nor z nor weight nor bias (dx of channel 0 is 0, not weight * invstd * (dy - mean dy); dbias
+// of channels 0 and 1 is 0, not sum dy), as the reference gives.
+void run_zero_case(syncbn_activation_t activation, torch::Dtype dtype, const Setup& setup,
+                   MPI_Comm mpi, Checker& check) {
+  const int rank = mpi_rank(mpi), ranks = mpi_size(mpi);
+  const auto [offset, count] = share(rank, ranks);
+  Case c{1, false, true, 0.1, dtype, activation};
+  const std::string name = "exact zeros, " + c.name();
+  const Layer bn(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device), activation);
+  bn->to(dtype);
+  torch::manual_seed(11);
+  {
+    torch::NoGradGuard no_grad;
+    bn->weight.copy_(torch::rand({kChannels}) + 0.5);
+    bn->bias.copy_(torch::randn({kChannels}));
+    bn->bias.narrow(0, 0, 2).zero_();
+    bn->weight[1] = 0;
+  }
+  Reference ref(bn->weight, bn->bias, dtype);
+  const std::vector<int64_t> shape = global_shape(c, ranks);
+  const torch::Tensor x = torch::randn(shape).to(dtype);
+  x.select(1, 0).fill_(2.0);
+  torch::Tensor z;
+  if (c.add()) {
+    z = torch::randn(shape).to(dtype);
+    z.narrow(1, 0, 2).slice(2, 0, shape[2], 2).zero_();
+  }
+  const torch::Tensor g = (torch::randn(shape) + 1).to(dtype);
+
+  const torch::Tensor x_ref = x.clone().requires_grad_();
+  const torch::Tensor z_ref = c.add() ? z.clone().requires_grad_() : z;
+  (ref.forward(x_ref, z_ref, true, c) * g).sum().backward();
+
+  bn->train();
+  const torch::Tensor x_local = x.narrow(0, offset, count).contiguous().to(setup.device)
+                                    .requires_grad_();
+  const torch::Tensor z_local =
+      c.add() ? z.narrow(0, offset, count).contiguous().to(setup.device).requires_grad_() : z;
+  const torch::Tensor y = bn(x_local, z_local);
+  (y * g.narrow(0, offset, count).to(setup.device)).sum().backward();
+  bn->check_async_error();
+
+  const double tol = c.tolerance();
+  check.expect_close(name + " dx", x_local.grad(), x_ref.grad().narrow(0, offset, count), tol);
+  check.expect_close(name + " dweight (summed)", summed_over_ranks(bn->weight.grad(), mpi),
+                     ref.weight.grad(), tol);
+  check.expect_close(name + " dbias (summed)", summed_over_ranks(bn->bias.grad(), mpi),
+                     ref.bias.grad(), tol);
+  if (c.add()) {
+    check.expect_close(name + " dz", z_local.grad(), z_ref.grad().narrow(0, offset, count), tol);
+  }
+  // Exactly: y == 0 where bn(x) [+ z] is 0, and nothing flows back from there.
+  const torch::Tensor y2 = y.narrow(1, 0, 2).to(torch::kCPU);
+  const torch::Tensor zero = c.add() ? (z_local.narrow(1, 0, 2).to(torch::kCPU) <= 0)
+                                     : torch::ones_like(y2, torch::kBool);
+  if (y2.masked_select(zero).abs().sum().item<double>() != 0) {
+    check.fail(name, "y is not exactly 0 where bn(x) [+ z] is 0");
+  }
+  if (!c.add() && x_local.grad().select(1, 0).abs().sum().item<double>() != 0) {
+    check.fail(name, "dx of the constant channel is not exactly 0");
+  }
+  if (c.add() &&
+      z_local.grad().narrow(1, 0, 2).to(torch::kCPU).masked_select(zero).abs().sum()
+              .item<double>() != 0) {
+    check.fail(name, "dz is not exactly 0 where y is 0");
+  }
+  if (summed_over_ranks(bn->bias.grad(), mpi).narrow(0, 0, 1).abs().item<double>() != 0 &&
+      !c.add()) {
+    check.fail(name, "dbias of the constant channel is not exactly 0");
+  }
+}
+
+// A residual of another shape (or dtype) on the last rank only: every rank gets the error naming
+// that rank and z.
+void run_bad_residual_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
+  const int last = mpi_size(mpi) - 1;
+  const bool bad = mpi_rank(mpi) == last;
+  for (const char* what : {"shape", "dtype", "undefined"}) {
+    SyncBatchNormAddReLU bn(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
+    const torch::Tensor x = torch::randn({4, kChannels, 5}).to(setup.device);
+    torch::Tensor z = x.clone();
+    if (bad && std::string(what) == "shape") z = torch::randn({4, kChannels, 6}).to(setup.device);
+    if (bad && std::string(what) == "dtype") z = z.to(torch::kFloat64);
+    if (bad && std::string(what) == "undefined") z = torch::Tensor();
+    std::string message;
+    try {
+      bn(x, z);
+      bn->check_async_error();
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    const std::string want = "rank " + std::to_string(last) + ": z";
+    if (message.find(want) == std::string::npos) {
+      check.fail(std::string("bad residual (") + what + ") on the last rank",
+                 "expected an error containing '" + want + "', got '" + message + "'");
+    }
+    if (bn->num_batches_tracked.item<int64_t>() != 0) {
+      check.fail(std::string("bad residual (") + what + ")", "num_batches_tracked changed");
+    }
+  }
+}
+
+// SyncBatchNormReLU goes into a torch::nn::Sequential (one forward, not overloaded), and prints
+// its own name; its output is torch::relu of SyncBatchNorm's on the same input.
+void run_sequential_case(const Setup& setup, Checker& check) {
+  torch::nn::Sequential seq(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(2, kChannels, 1)),
+      SyncBatchNormReLU(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device)));
+  seq->to(setup.device);
+  SyncBatchNorm plain(setup.comm, SyncBatchNormOptions(kChannels).device(setup.device));
+  const torch::Tensor x = torch::randn({3, 2, 4, 4}).to(setup.device);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor h = seq[0]->as<torch::nn::Conv2d>()->forward(x);
+  const torch::Tensor y = seq->forward(x);
+  const torch::Tensor want = torch::relu(plain(h));
+  check.expect_close("SyncBatchNormReLU in a Sequential", y, want, 1e-6);
+  std::ostringstream printed;
+  printed << *seq;
+  if (printed.str().find("SyncBatchNormReLU(3, eps=") == std::string::npos) {
+    check.fail("SyncBatchNormReLU's pretty_print", printed.str());
+  }
 }
 
 // A wrong channel count on the last rank only: every rank gets the error naming that rank, and
@@ -282,7 +477,8 @@ void run_bad_shape_case(const Setup& setup, MPI_Comm mpi, Checker& check) {
 }
 
 // The layer's one plan, counted on a one-rank custom communicator (CPU) whose allreduce records
-// its sizes: plan creation sums 77 doubles (docs/design.md section 2.2), a training forward
+// its sizes: plan creation sums 85 doubles (docs/design.md section 2.2: an error record of 5 and
+// 10 configuration fields, activation included since 0.4, of 8 slots each), a training forward
 // 2C + 18. Construction makes one plan, ->to() to another dtype one more, ->to() to the same
 // dtype none.
 void run_plan_count_case(Checker& check) {
@@ -293,7 +489,7 @@ void run_plan_count_case(Checker& check) {
         return 0;
       });
   const auto creations = [&sizes] {
-    return std::count(sizes->begin(), sizes->end(), std::size_t{77});
+    return std::count(sizes->begin(), sizes->end(), std::size_t{85});
   };
   SyncBatchNorm bn(comm, SyncBatchNormOptions(kChannels));
   if (creations() != 1) check.fail("plans of a new layer", std::to_string(creations()));
@@ -302,9 +498,21 @@ void run_plan_count_case(Checker& check) {
   if (creations() != 2) check.fail("plans after ->to(float64) twice", std::to_string(creations()));
   bn->to(torch::kCPU, torch::kFloat32);
   if (creations() != 3) check.fail("plans after ->to(cpu, float32)", std::to_string(creations()));
-  bn(torch::randn({4, kChannels}));
+  // Data of mean 0, the plan's first shift: no second allreduce to refine the shift (syncbn.h,
+  // Precision), whatever the random state.
+  const torch::Tensor centered =
+      torch::tensor({1.0f, -1.0f, 2.0f, -2.0f}).view({4, 1}).expand({4, kChannels}).contiguous();
+  bn(centered);
   if (sizes->size() != 4 || sizes->back() != 2 * kChannels + 18) {
     check.fail("one forward", "not one allreduce of 2C + 18 doubles after the plans");
+  }
+  // A fused layer is one plan too, and its forward and backward one allreduce each.
+  SyncBatchNormAddReLU fused(comm, SyncBatchNormOptions(kChannels));
+  if (creations() != 4) check.fail("plans of a fused layer", std::to_string(creations()));
+  const torch::Tensor x = centered.clone().requires_grad_();
+  fused(x, torch::randn({4, kChannels}, torch::requires_grad())).sum().backward();
+  if (sizes->size() != 7 || sizes->back() != 2 * kChannels + 18) {
+    check.fail("one fused forward and backward", "not two allreduces of 2C + 18 doubles");
   }
 }
 
@@ -388,6 +596,18 @@ std::vector<Case> all_cases() {
   }
   cases.push_back({2, false, true, 0.1, torch::kFloat64});
   cases.push_back({2, true, true, c10::nullopt, torch::kFloat64});
+  // The fused layers: every input rank, both layouts, both dtypes.
+  for (syncbn_activation_t activation : {SYNCBN_ACTIVATION_RELU, SYNCBN_ACTIVATION_ADD_RELU}) {
+    for (int spatial_dims : {0, 1, 2, 3}) {
+      for (bool channels_last : {false, true}) {
+        if (channels_last && spatial_dims == 0) continue;  // (N, C): one layout
+        for (torch::Dtype dtype : {torch::kFloat32, torch::kFloat64}) {
+          cases.push_back({spatial_dims, channels_last, true, 0.1, dtype, activation});
+        }
+      }
+    }
+    cases.push_back({2, false, false, c10::nullopt, torch::kFloat32, activation});
+  }
   return cases;
 }
 
@@ -466,6 +686,13 @@ int main(int argc, char** argv) {
     Checker check(MPI_COMM_WORLD);
     const std::vector<Case> cases = all_cases();
     for (const Case& c : cases) run_case(c, *setup, MPI_COMM_WORLD, check);
+    for (syncbn_activation_t activation : {SYNCBN_ACTIVATION_RELU, SYNCBN_ACTIVATION_ADD_RELU}) {
+      for (torch::Dtype dtype : {torch::kFloat32, torch::kFloat64}) {
+        run_zero_case(activation, dtype, *setup, MPI_COMM_WORLD, check);
+      }
+    }
+    run_bad_residual_case(*setup, MPI_COMM_WORLD, check);
+    run_sequential_case(*setup, check);
     run_bad_shape_case(*setup, MPI_COMM_WORLD, check);
     run_dtype_case(*setup, MPI_COMM_WORLD, check);
     run_plan_count_case(check);

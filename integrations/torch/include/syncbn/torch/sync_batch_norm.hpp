@@ -8,12 +8,12 @@
 //   syncbn_torch::SyncBatchNorm bn(comm, syncbn_torch::SyncBatchNormOptions(64).momentum(0.1));
 //   auto y = bn(x);   // x: (N, C) or (N, C, *spatial), 1 to 3 spatial dims
 //
-// Training mode: one syncbn::BatchNorm::forward_training per call (COLLECTIVE: every rank of
-// the communicator calls every layer's forward and backward in the same order, even with an
-// empty local batch N = 0). The backward is syncbn::BatchNorm::backward; it returns this rank's
+// Training mode: one syncbn_forward_training_ex per call, on the layer's plan (COLLECTIVE: every
+// rank of the communicator calls every layer's forward and backward in the same order, even with
+// an empty local batch N = 0). The backward is syncbn_backward_ex; it returns this rank's
 // (local) weight and bias gradients, as torch's SyncBatchNorm does, so the trainer averages
 // parameter gradients over ranks as it does for every other parameter.
-// Evaluation mode: syncbn::BatchNorm::forward_inference with the running statistics, or with the
+// Evaluation mode: syncbn_forward_inference_ex with the running statistics, or with the
 // rank's own batch statistics when track_running_stats is off (docs/design.md section 1.2);
 // local, no communication, so one rank may evaluate alone. It is not differentiable: evaluate
 // under torch::NoGradGuard.
@@ -33,6 +33,16 @@
 // Construction is COLLECTIVE too: it creates the layer's one plan (a syncbn::BatchNorm for the
 // layer's dtype and device), which checks that every rank configured the layer alike. The
 // module is not clonable (clone() would create a plan on one rank only).
+//
+// Fused activations: SyncBatchNormReLU (relu(bn(x))) and SyncBatchNormAddReLU (relu(bn(x) + z),
+// z the residual input, forward(x, z)) are SyncBatchNorm with the activation fused into the
+// library's passes (syncbn_activation_t, the _ex calls of syncbn.h): the same options,
+// parameters, buffers, state-dict names, statistics and collectives; the ReLU's backward (the
+// mask y > 0 of the saved output, relu'(0) = 0 as torch's) runs inside syncbn's backward, and
+// z gets its gradient. They are modules of their own, not an option of SyncBatchNorm, because
+// libtorch's torch::nn::Sequential and AnyModule need one forward() per module, not overloads:
+// SyncBatchNorm and SyncBatchNormReLU keep forward(x) and go into a Sequential as
+// BatchNorm2d + ReLU would; SyncBatchNormAddReLU's forward(x, z) is its only forward.
 //
 // Errors: std::runtime_error at construction for a CUDA device where this build has no CUDA
 // path or libtorch sees no GPU; c10::Error (TORCH_CHECK, on this rank only, before any
@@ -77,6 +87,8 @@ struct SyncBatchNormOptions {
 
 class SyncBatchNormImpl : public torch::nn::Module {
  public:
+  // Every layer's calls go through syncbn's named-argument calls (syncbn_forward_training_ex,
+  // syncbn_forward_inference_ex, syncbn_backward_ex), activation SYNCBN_ACTIVATION_NONE here.
   // COLLECTIVE over comm: makes the layer's plan (float32, on options.device()). Parameters
   // and buffers are float32, on options.device(). Throws syncbn::Error where the ranks'
   // options differ (SYNCBN_ERROR_CONFIG_MISMATCH) or are invalid (on every rank alike),
@@ -88,7 +100,8 @@ class SyncBatchNormImpl : public torch::nn::Module {
   // dtype (float32 or float64) and on its device, in any memory layout (copied into the layer's
   // when it is not dense in it). Returns y of input's shape, dtype and device, dense in the
   // layer's layout (channels-last strides when channels_last and input has spatial dims).
-  // COLLECTIVE in training mode. Errors: see "Errors" above.
+  // COLLECTIVE in training mode. Errors: see "Errors" above. (On a SyncBatchNormAddReLU
+  // reached through this class, the missing z fails the call on every rank alike.)
   torch::Tensor forward(const torch::Tensor& input);
 
   // torch::nn::Module::to, which also makes the layer's plan for the new dtype when the dtype
@@ -119,6 +132,9 @@ class SyncBatchNormImpl : public torch::nn::Module {
   // The dtype of the layer's plan, of its parameters and running statistics, and of the input it
   // takes: torch::kFloat32 or torch::kFloat64.
   torch::Dtype dtype() const { return dtype_; }
+  // The activation fused into the layer: SYNCBN_ACTIVATION_NONE, or _RELU / _ADD_RELU for the
+  // modules below.
+  syncbn_activation_t activation() const { return activation_; }
 
   torch::Tensor weight;               // (C) of dtype(), undefined when !affine
   torch::Tensor bias;                 // (C) of dtype(), undefined when !affine
@@ -126,12 +142,24 @@ class SyncBatchNormImpl : public torch::nn::Module {
   torch::Tensor running_var;          // (C) of dtype(), undefined when !track_running_stats
   torch::Tensor num_batches_tracked;  // int64 scalar, undefined when !track_running_stats
 
+ protected:
+  // COLLECTIVE over comm, as the public constructor: a layer with activation fused, named name
+  // in pretty_print.
+  SyncBatchNormImpl(const syncbn::Communicator& comm, const SyncBatchNormOptions& options,
+                    syncbn_activation_t activation, const char* name);
+
+  // The one path of every layer: bn(input), act(bn(input)) or act(bn(input) + z). z is
+  // SyncBatchNormAddReLU's residual, undefined otherwise.
+  torch::Tensor forward_fused(const torch::Tensor& input, const torch::Tensor& z);
+
  private:
-  void check_arguments(const torch::Tensor& input);
+  void check_arguments(const torch::Tensor& input, const torch::Tensor& z);
   void set_dtype(torch::Dtype dtype);
   void keep_counter_int64();
-  torch::Tensor forward_eval(const torch::Tensor& input);
+  torch::Tensor forward_eval(const torch::Tensor& input, const torch::Tensor& z);
 
+  syncbn_activation_t activation_ = SYNCBN_ACTIVATION_NONE;
+  const char* name_ = "SyncBatchNorm";
   SyncBatchNormOptions options_;
   torch::Device device_;
   const syncbn::Communicator comm_;  // for the plan of another dtype (to())
@@ -141,8 +169,39 @@ class SyncBatchNormImpl : public torch::nn::Module {
 
 TORCH_MODULE(SyncBatchNorm);
 
-// Calls check_async_error() of every SyncBatchNorm in module (module itself included); the
-// syncbn::Error names the layer ("SYNCBN_ERROR_...: SyncBatchNorm 1: rank 2: ...").
+// relu(SyncBatchNorm(x)), the ReLU fused (SYNCBN_ACTIVATION_RELU): forward(input) as
+// SyncBatchNorm's, returning relu(bn(input)); the backward gates the output gradient with the
+// saved output's mask y > 0. Evaluation applies the ReLU too.
+class SyncBatchNormReLUImpl : public SyncBatchNormImpl {
+ public:
+  // COLLECTIVE over comm, as SyncBatchNorm's.
+  SyncBatchNormReLUImpl(const syncbn::Communicator& comm, const SyncBatchNormOptions& options);
+};
+
+TORCH_MODULE(SyncBatchNormReLU);
+
+// relu(SyncBatchNorm(x) + z), the addition of the residual and the ReLU fused
+// (SYNCBN_ACTIVATION_ADD_RELU): a ResNet block's bn2, add and relu in one layer,
+//   out = bn2(conv2->forward(out), identity);   // was relu(bn2(conv2(out)) + identity)
+// The statistics are x's alone. z gets the gradient dy * (y > 0); x, weight and bias the batch
+// norm's of that. Evaluation applies the addition and the ReLU.
+class SyncBatchNormAddReLUImpl : public SyncBatchNormImpl {
+ public:
+  // COLLECTIVE over comm, as SyncBatchNorm's.
+  SyncBatchNormAddReLUImpl(const syncbn::Communicator& comm,
+                           const SyncBatchNormOptions& options);
+
+  // input as SyncBatchNorm::forward's; z (the residual) of input's shape, dtype and device, in
+  // any memory layout (copied into the layer's where it is not dense in it). A z on another
+  // device is a c10::Error on this rank; of another dtype or shape, a syncbn::Error on every
+  // rank (SYNCBN_ERROR_INVALID_ARGUMENT, "rank R: z ..."). COLLECTIVE in training mode.
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& z);
+};
+
+TORCH_MODULE(SyncBatchNormAddReLU);
+
+// Calls check_async_error() of every SyncBatchNorm (the fused ones too) in module (module itself
+// included); the syncbn::Error names the layer ("SYNCBN_ERROR_...: SyncBatchNorm 1: rank 2: ...").
 void check_async_errors(torch::nn::Module& module);
 
 }  // namespace syncbn_torch
