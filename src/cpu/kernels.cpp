@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 #include <utility>
@@ -111,6 +113,20 @@ GroupSums<A> place_group_sums(A* room, const double* pu, std::int64_t C,
   return {gu, gu + C};
 }
 
+
+// The relu's backward of one element: dy where y > 0, else 0 (NaN in y: 0), as a bitwise AND
+// with a mask made from the comparison: a select written as `y > 0 ? dy : 0` compiles to a
+// branch inside the reductions' unrolled lane loops (measured 2x slower on AVX-512).
+template <class T>
+inline T relu_gate(T y, T dy) {
+  using U = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
+  U bits;
+  std::memcpy(&bits, &dy, sizeof bits);
+  bits &= U(0) - static_cast<U>(y > T(0));
+  T g;
+  std::memcpy(&g, &bits, sizeof g);
+  return g;
+}
 
 // The two contributions of one element to a reduction, in type A. Returned by value: an address
 // taken inside an "omp simd" loop makes GCC keep the variable in memory, one slot per lane.
@@ -351,7 +367,7 @@ void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T
         [x, dy, y, center](auto b, std::int64_t i, std::int64_t c) {
           using B = decltype(b);
           T gt = dy[i];
-          if constexpr (kMasked) gt = y[i] > T(0) ? gt : T(0);
+          if constexpr (kMasked) gt = relu_gate(y[i], gt);
           const B gi = static_cast<B>(gt);
           return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
         },
@@ -395,7 +411,7 @@ void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, cons
     constexpr bool kMasked = decltype(masked)::value, kResidual = decltype(residual)::value;
     map_elements(g, [=](std::int64_t i, std::int64_t c) {
       T gi = dy[i];
-      if constexpr (kMasked) gi = y[i] > T(0) ? gi : T(0);
+      if constexpr (kMasked) gi = relu_gate(y[i], gi);
       const T xi = x[i];
       if constexpr (kResidual) dz[i] = gi;
       dx[i] = a[c] * gi - k[c] * (xi - center[c]) + d[c];
