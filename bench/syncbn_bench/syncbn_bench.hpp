@@ -21,7 +21,8 @@ namespace syncbn_bench {
 
 using bench::kNaN;
 using bench::Shape4;
-constexpr double kCopyGoal = 0.80;        // fraction of copy bandwidth
+constexpr double kCopyGoal = 0.80;        // fraction of the best copy's bandwidth
+constexpr int kCopyRepsPerRound = 4;      // copies in each round (the copy's samples: x -n)
 constexpr double kOverheadGoal = 1.2;     // sync overhead / bare allreduce
 constexpr double kCheckTolerance = 1e-3;  // max abs difference to oneDNN (f32, values O(1))
 constexpr double kAllgatherTolerance = 1e-5;  // max rel difference of allgather's stats to sync's
@@ -53,8 +54,10 @@ struct Row {
   int ranks = 1, threads = 1;
   int64_t tensor_bytes = 0;
   double bytes_fwd = 0, bytes_bwd = 0;
-  double fwd_us = kNaN, bwd_us = kNaN, fwd_gbs = kNaN, bwd_gbs = kNaN, copy_gbs = kNaN;
-  double fwd_pct_copy = kNaN, bwd_pct_copy = kNaN, allreduce_us = kNaN;
+  double fwd_us = kNaN, bwd_us = kNaN, fwd_gbs = kNaN, bwd_gbs = kNaN;
+  double copy_best_gbs = kNaN, copy_med_gbs = kNaN;  // the fastest and the median repetition
+  double fwd_pct_copy = kNaN, bwd_pct_copy = kNaN;   // of the best copy
+  double allreduce_us = kNaN;
   double overhead_fwd_us = kNaN, overhead_bwd_us = kNaN;
   double exchange_fwd_us = kNaN, exchange_bwd_us = kNaN;  // table only, not in CSV / JSON
   double overhead_fwd_ratio = kNaN, overhead_bwd_ratio = kNaN;

@@ -35,17 +35,30 @@
 //                      then the maximum over ranks (MPI_Allreduce MAX). Every call starts after
 //                      an MPI_Barrier, so ranks compete for memory alike in every mode. The
 //                      measurements of a shape are interleaved: each of the -w + -n rounds runs
-//                      copy, local fwd/bwd, sync fwd/bwd (and its logged twin, see in fwd),
-//                      allgather fwd/bwd, the bare allreduce and oneDNN fwd/bwd once, in a random
-//                      order (the same on every rank: seeded with the round), so outside load
-//                      (shared machines) and cache state hit all alike. With few rounds the
-//                      orders are few, and which op follows which can shift a row by a few us:
-//                      compare modes at -n 50 or more.
+//                      local fwd/bwd, sync fwd/bwd (and its logged twin, see in fwd), allgather
+//                      fwd/bwd, the bare allreduce and oneDNN fwd/bwd once and the copy 4 times,
+//                      in a random order (the same on every rank: seeded with the round), so
+//                      outside load (shared machines) and cache state hit all alike. With few
+//                      rounds the orders are few, and which op follows which can shift a row by
+//                      a few us: compare modes at -n 50 or more.
 //   GB/s               bytes that must move over that time: forward reads x twice and writes y
 //                      (3 x tensor bytes), backward reads x and dy twice and writes dx (5 x), as
 //                      in kernel_bench.
-//   copy GB/s, % copy  a STREAM-style copy y = x of the same tensor (2 x tensor bytes), median,
-//                      max over ranks; % copy = GB/s / copy GB/s.
+//   copy best, med     a STREAM-style copy y = x of the same tensor (2 x tensor bytes over the
+//   (GB/s)             time), 4 x -n repetitions (4 per round, kCopyRepsPerRound, each placed
+//                      by the shuffle).
+//                      Each repetition runs on all ranks at once (the barrier starts them, so
+//                      they compete for memory bandwidth as in the BN calls) and is timed from
+//                      the first rank's start to the last rank's end (one host; else the
+//                      slowest rank's time; a rank's own time would be short where it ran
+//                      alone while the other was descheduled). best = the fastest repetition:
+//                      the floor, the most the memory system moved, which outside load can only
+//                      lower. On the 2-core VM, in back-to-back runs, the median moved by up to
+//                      43% and the best by up to 8%; a slow period of the machine that outlasts
+//                      a shape's rounds lowers every column, the best too. med = the median
+//                      repetition, to show the spread. The destination is already faulted in
+//                      (written by the fill, on the same threads and static partition).
+//   % of copy          fwd or bwd GB/s / best copy GB/s (the goal below is on these).
 //   allreduce (us)     a bare MPI_Allreduce(SUM, in place) of 2C + 18 doubles on a duplicate of
 //                      MPI_COMM_WORLD, one call per round at a random point between the other
 //                      ops, median, max over ranks. Like the library's allreduce, it then
@@ -75,9 +88,9 @@
 //                      use_shift), same shape, layout and threads; f32 only (oneDNN has no f64
 //                      batch norm). ours / oneDNN < 1: syncbn is faster.
 //
-// Goals (footer): forward and backward at >= 80% of copy where one rank's tensor is larger than
-// the last-level cache (sysfs, else sysconf) (local rows); faster than oneDNN (local rows); sync
-// overhead <= 1.2 x the bare allreduce (sync rows, 2 or more ranks).
+// Goals (footer): forward and backward at >= 80% of the best copy where one rank's tensor is
+// larger than the last-level cache (sysfs, else sysconf) (local rows); faster than oneDNN (local
+// rows); sync overhead <= 1.2 x the bare allreduce (sync rows, 2 or more ranks).
 // Check (default on, --no-check): syncbn's local forward output y and backward dx against
 // oneDNN's (max abs difference over all ranks); save_mean of sync and allgather mode identical
 // on every rank; allgather's saved statistics against sync's (max relative difference, WRONG
@@ -218,7 +231,7 @@ int run(int argc, char** argv, int rank, int size) {
                              : "not built in");
     std::printf(
         "# Shapes are per rank. GB/s: forward 3x, backward 5x, copy 2x the tensor bytes "
-        "over the time.\n");
+        "over the time; %% of copy: of the best copy.\n");
     std::printf("#\n");
     table().print_header();
   }
