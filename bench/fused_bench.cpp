@@ -7,8 +7,7 @@
 //       [--csv FILE] [--json FILE] [--no-onednn] [--no-check]
 //
 // Shapes are per rank (the global batch is P x N); the default is the 12 distinct batch-norm
-// input shapes of ResNet-50 at N = --batch (the list of syncbn_bench, syncbn_bench_main.cpp's
-// resnet50_shapes, copied: it is not in a shared header). fp32 only.
+// input shapes of ResNet-50 at N = --batch (bench::resnet50_shapes, as syncbn_bench). fp32 only.
 //
 // Per shape, layout and activation (relu: y = relu(bn(x)); add_relu: y = relu(bn(x) + z)), on
 // the same OpenMP threads and in the same run, four modes:
@@ -105,19 +104,6 @@ constexpr double kSeparateGoal = 0.75;    // fused / separate, forward + backwar
 constexpr double kOneDnnGoal = 1.0;       // fused / oneDNN, forward + backward
 constexpr double kOneDnnTolerance = 1e-4;  // max abs difference / max |value|
 constexpr int64_t kParallelMin = 32768;    // PyTorch's grain size: smaller loops on one thread
-
-// ---- shapes -------------------------------------------------------------------------------------
-
-// The distinct batch-norm input shapes (C x H x W) of ResNet-50 (torchvision, 224 x 224 input):
-// syncbn_bench's list (bench/syncbn_bench/syncbn_bench_main.cpp, resnet50_shapes), copied.
-std::vector<Shape4> resnet50_shapes(int64_t batch) {
-  const int64_t chw[][3] = {{64, 112, 112}, {64, 56, 56},  {256, 56, 56}, {128, 56, 56},
-                            {128, 28, 28},  {512, 28, 28}, {256, 28, 28}, {256, 14, 14},
-                            {1024, 14, 14}, {512, 14, 14}, {512, 7, 7},   {2048, 7, 7}};
-  std::vector<Shape4> shapes;
-  for (const auto& s : chw) shapes.push_back({batch, s[0], s[1], s[2]});
-  return shapes;
-}
 
 // ---- buffers, data ------------------------------------------------------------------------------
 
@@ -966,7 +952,7 @@ int run(int argc, char** argv, int rank, int size) {
   }
   o.onednn = !no_onednn;
   if (shape_args.empty()) {
-    o.shapes = resnet50_shapes(batch);
+    o.shapes = bench::resnet50_shapes(batch);
   } else {
     try {
       for (const auto& s : shape_args) o.shapes.push_back(bench::parse_nchw(s));

@@ -36,6 +36,15 @@ std::string Shape3::name() const {
   return std::to_string(c) + "x" + std::to_string(h) + "x" + std::to_string(w);
 }
 
+std::vector<Shape4> resnet50_shapes(int64_t batch) {
+  const int64_t chw[][3] = {{64, 112, 112}, {64, 56, 56},  {256, 56, 56}, {128, 56, 56},
+                            {128, 28, 28},  {512, 28, 28}, {256, 28, 28}, {256, 14, 14},
+                            {1024, 14, 14}, {512, 14, 14}, {512, 7, 7},   {2048, 7, 7}};
+  std::vector<Shape4> shapes;
+  for (const auto& s : chw) shapes.push_back({batch, s[0], s[1], s[2]});
+  return shapes;
+}
+
 Shape4 parse_nchw(const std::string& s, const std::string& flag) {
   Shape4 sh;
   char tail = 0;

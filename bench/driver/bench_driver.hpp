@@ -46,6 +46,10 @@ struct Shape4 {
 };
 Shape4 parse_nchw(const std::string& s, const std::string& flag = "--shape");
 
+// The distinct batch-norm input shapes (C x H x W) of ResNet-50 (torchvision, 224 x 224 input),
+// at batch N: the default shape list of syncbn_bench and fused_bench.
+std::vector<Shape4> resnet50_shapes(int64_t batch);
+
 // A per-sample shape "CxHxW" (positive sizes); throws CLI::ValidationError(flag, ...) otherwise.
 struct Shape3 {
   int64_t c = 0, h = 0, w = 0;

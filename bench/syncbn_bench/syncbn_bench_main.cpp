@@ -129,18 +129,7 @@ namespace syncbn_bench {
 
 namespace {
 
-// ---- shapes, options ----------------------------------------------------------------------------
-
-// The distinct batch-norm input shapes (C x H x W) of ResNet-50 (torchvision, 224 x 224 input).
-std::vector<Shape4> resnet50_shapes(int64_t batch) {
-  const int64_t chw[][3] = {{64, 112, 112}, {64, 56, 56},  {256, 56, 56}, {128, 56, 56},
-                            {128, 28, 28},  {512, 28, 28}, {256, 28, 28}, {256, 14, 14},
-                            {1024, 14, 14}, {512, 14, 14}, {512, 7, 7},   {2048, 7, 7}};
-  std::vector<Shape4> shapes;
-  for (const auto& s : chw) shapes.push_back({batch, s[0], s[1], s[2]});
-  return shapes;
-}
-
+// ---- options ------------------------------------------------------------------------------------
 
 int run(int argc, char** argv, int rank, int size) {
   CLI::App app{
@@ -186,7 +175,7 @@ int run(int argc, char** argv, int rank, int size) {
     o.mode[m] = std::find(modes.begin(), modes.end(), kModes[m]) != modes.end();
   }
   if (shape_args.empty()) {
-    o.shapes = resnet50_shapes(batch);
+    o.shapes = bench::resnet50_shapes(batch);
   } else {
     try {
       for (const auto& s : shape_args) o.shapes.push_back(bench::parse_nchw(s));

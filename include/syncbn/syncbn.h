@@ -118,7 +118,12 @@
  * Memory. On Linux, CPU plans advise outputs (y, dx) of 4 MiB or more as transparent huge pages
  * (madvise MADV_HUGEPAGE) before writing them: a freshly allocated output then faults in 2 MiB
  * instead of 4 KiB pages, which for a 100 MB tensor more than halves the call. A hint only;
- * SYNCBN_CPU_HUGEPAGES=0 in the environment turns it off.
+ * SYNCBN_CPU_HUGEPAGES=0 in the environment turns it off. Outputs (y, dx and dz together) at
+ * least as large as the last-level cache are written with non-temporal stores on x86-64: they
+ * skip the read of every line an ordinary store first makes, and leave the cache to the inputs
+ * (the output would not have stayed in it). The threshold is the cache size from sysfs (else
+ * sysconf, else 32 MiB); SYNCBN_CPU_STREAM_BYTES=N in the environment sets it to N bytes (0:
+ * every output). The values written are the same either way.
  */
 #ifndef SYNCBN_SYNCBN_H
 #define SYNCBN_SYNCBN_H

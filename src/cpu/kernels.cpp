@@ -1,4 +1,5 @@
 #include "cpu/kernels.hpp"
+#include "cpu/memory.hpp"
 
 #include <omp.h>
 
@@ -10,6 +11,10 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 // Compiled once per instruction set (SYNCBN_CPU_ISA names the namespace: generic,
 // x86_64_v3, x86_64_v4; see src/CMakeLists.txt); dispatch.cpp picks one at run time.
@@ -178,6 +183,65 @@ void reduce_rows(const Op& op, std::int64_t C, std::int64_t r_begin, std::int64_
   }
 }
 
+// Channels-last rows of at most this many bytes keep their group sums in registers
+// (reduce_rows_blocked): 4 vectors of the widest instruction set compiled for, so that the two
+// sums and the values they are formed from fit in its registers.
+#if defined(__AVX512F__)
+constexpr std::int64_t kBlockBytes = 256;
+#elif defined(__AVX2__)
+constexpr std::int64_t kBlockBytes = 128;
+#else
+constexpr std::int64_t kBlockBytes = 64;
+#endif
+
+// reduce_rows for rows of at most kBlockBytes: every row of a group of kGroupRows rows is added
+// into W pairs of accumulators held in registers, merged into pu, pv once per group. The same
+// additions in the same order as reduce_rows (bitwise the same sums), without its load and store
+// of the group sums for every row: for C = 16 to 64 fp32 on AVX-512 (AMD EPYC) 0.79-0.90x the
+// forward time of reduce_rows<1>. (Wider rows swept this way block by block, a strided walk
+// down the group, measured up to 1.25x slower than reduce_rows.) Written for any C: channels
+// past the last whole block of W take a block of their own, of runtime width.
+template <class A, class Op>
+void reduce_rows_blocked(const Op& op, std::int64_t C, std::int64_t r_begin, std::int64_t r_end,
+                         double* pu, double* pv) {
+  constexpr int W = static_cast<int>(kBlockBytes / static_cast<std::int64_t>(sizeof(A)));
+  const std::int64_t full = C / W * W;
+  for (std::int64_t r0 = r_begin; r0 < r_end; r0 += kGroupRows) {
+    const std::int64_t r1 = std::min(r0 + kGroupRows, r_end);
+    for (std::int64_t k0 = 0; k0 < full; k0 += W) {
+      A au[W] = {}, av[W] = {};
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t base = r * C + k0;
+        for (int k = 0; k < W; ++k) {
+          const Pair<A> p = op(A{}, base + k, k0 + k);
+          au[k] += p.u;
+          av[k] += p.v;
+        }
+      }
+      for (int k = 0; k < W; ++k) {
+        pu[k0 + k] += static_cast<double>(au[k]);
+        pv[k0 + k] += static_cast<double>(av[k]);
+      }
+    }
+    if (full < C) {
+      const int n = static_cast<int>(C - full);
+      A au[W] = {}, av[W] = {};
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t base = r * C + full;
+        for (int k = 0; k < n; ++k) {
+          const Pair<A> p = op(A{}, base + k, full + k);
+          au[k] += p.u;
+          av[k] += p.v;
+        }
+      }
+      for (int k = 0; k < n; ++k) {
+        pu[full + k] += static_cast<double>(au[k]);
+        pv[full + k] += static_cast<double>(av[k]);
+      }
+    }
+  }
+}
+
 // The two reductions share one traversal. An Op gives, for element i of channel c, the Pair<B>
 // whose u and v are summed per channel, computed in type B (op(B{}, i, c)). Channels-first
 // pieces take fp64 pairs (exact for fp32 data) into fp64 accumulators; channels-last rows take
@@ -246,7 +310,10 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
       for_share(g, t, omp_get_num_threads(),
                 [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
         if (c < 0) {
-          if (C * static_cast<std::int64_t>(sizeof(A)) >= kMultiRowBytes) {
+          const std::int64_t row_bytes = C * static_cast<std::int64_t>(sizeof(A));
+          if (row_bytes <= kBlockBytes) {
+            reduce_rows_blocked<A>(op, C, begin / C, end / C, pu, pv);
+          } else if (row_bytes >= kMultiRowBytes) {
             reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
           } else {
             reduce_rows<1>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
@@ -292,24 +359,138 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
   }
 }
 
-// One elementwise traversal for every output pass: op(i, c) writes element i of channel c.
-template <class Op>
-void map_elements(const Geometry& g, const Op& op) {
-  const std::int64_t C = g.channels;
-  const int nt = threads_for(g.outer * C * g.inner);
+// Non-temporal stores of the widest vectors this instruction set has (none off x86-64): they
+// write whole lines to memory without first reading them into the cache.
+#if defined(__AVX512F__)
+constexpr std::size_t kStreamVector = 64;
+inline void stream_vector(float* p, const float* s) { _mm512_stream_ps(p, _mm512_loadu_ps(s)); }
+inline void stream_vector(double* p, const double* s) { _mm512_stream_pd(p, _mm512_loadu_pd(s)); }
+#elif defined(__AVX__)
+constexpr std::size_t kStreamVector = 32;
+inline void stream_vector(float* p, const float* s) { _mm256_stream_ps(p, _mm256_loadu_ps(s)); }
+inline void stream_vector(double* p, const double* s) { _mm256_stream_pd(p, _mm256_loadu_pd(s)); }
+#elif defined(__SSE2__)
+constexpr std::size_t kStreamVector = 16;
+inline void stream_vector(float* p, const float* s) { _mm_stream_ps(p, _mm_loadu_ps(s)); }
+inline void stream_vector(double* p, const double* s) { _mm_stream_pd(p, _mm_loadu_pd(s)); }
+#else
+constexpr std::size_t kStreamVector = 0;
+#endif
+
+// Orders this thread's non-temporal stores (weakly ordered) before its later stores, so that they
+// are visible to the other threads after the parallel region's barrier.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// dst[0, n) = src[0, n): ordinary stores up to dst's first vector boundary and after its last,
+// non-temporal ones between (a dst not aligned to T takes ordinary stores throughout).
+template <class T>
+void stream_out(T* dst, const T* src, std::int64_t n) {
+  std::int64_t i = 0;
+  if constexpr (kStreamVector != 0) {
+    constexpr std::int64_t V = static_cast<std::int64_t>(kStreamVector / sizeof(T));
+    const auto at = reinterpret_cast<std::uintptr_t>(dst);
+    if (at % sizeof(T) == 0) {
+      const auto head = static_cast<std::int64_t>((kStreamVector - at % kStreamVector) %
+                                                  kStreamVector / sizeof(T));
+      for (; i < std::min(head, n); ++i) dst[i] = src[i];
+      for (; i + V <= n; i += V) stream_vector(dst + i, src + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Elements of a thread's staging buffer (per output): an elementwise pass that streams computes
+// this many into the L1-resident buffer, then streams them out.
+constexpr std::int64_t kStageBytes = 4096;
+
+// One elementwise traversal for every output pass: op(i, c) returns the output of element i of
+// channel c, a T for y0, or a Pair<T> (u for y0, v for y1). Outputs of at least
+// stream_output_bytes() (both together) are staged and written with non-temporal stores.
+template <class T, class Op>
+void map_elements(const Geometry& g, T* y0, T* y1, const Op& op) {
+  using R = decltype(op(std::int64_t{}, std::int64_t{}));
+  constexpr bool kTwo = std::is_same_v<R, Pair<T>>;
+  const std::int64_t C = g.channels, count = g.outer * C * g.inner;
+  const bool stream = kStreamVector != 0 &&
+                      tensor_bytes<T>(g) * (kTwo ? 2 : 1) >= stream_output_bytes();
+  const int nt = threads_for(count);
 #pragma omp parallel num_threads(nt) if (nt > 1)
-  for_share(g, omp_get_thread_num(), omp_get_num_threads(),
-            [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
-              if (c < 0) {
-                for (std::int64_t r = begin; r < end; r += C) {
+  {
+    for_share(g, omp_get_thread_num(), omp_get_num_threads(),
+              [&](std::int64_t begin, std::int64_t end, std::int64_t c) {
+      if (!stream) {
+        auto put = [&](std::int64_t i, std::int64_t k) {
+          const R r = op(i, k);
+          if constexpr (kTwo) {
+            y0[i] = r.u;
+            y1[i] = r.v;
+          } else {
+            y0[i] = r;
+          }
+        };
+        if (c < 0) {
+          for (std::int64_t r = begin; r < end; r += C) {
 #pragma omp simd
-                  for (std::int64_t k = 0; k < C; ++k) op(r + k, k);
-                }
-              } else {
+            for (std::int64_t k = 0; k < C; ++k) put(r + k, k);
+          }
+        } else {
 #pragma omp simd
-                for (std::int64_t i = begin; i < end; ++i) op(i, c);
-              }
-            });
+          for (std::int64_t i = begin; i < end; ++i) put(i, c);
+        }
+        return;
+      }
+      constexpr std::int64_t S = kStageBytes / static_cast<std::int64_t>(sizeof(T));
+      alignas(64) T b0[S];
+      alignas(64) T b1[kTwo ? S : 1];
+      // Stages [i0, i0 + n) of channel c (channels-first) or of rows starting at channel k0
+      // (channels-last: n is whole rows, or part of one), then streams it out.
+      auto flush = [&](std::int64_t i0, std::int64_t n) {
+        stream_out(y0 + i0, b0, n);
+        if constexpr (kTwo) stream_out(y1 + i0, b1, n);
+      };
+      auto stage = [&](std::int64_t j, std::int64_t i, std::int64_t k) {
+        const R r = op(i, k);
+        if constexpr (kTwo) {
+          b0[j] = r.u;
+          b1[j] = r.v;
+        } else {
+          b0[j] = r;
+        }
+      };
+      if (c >= 0) {
+        for (std::int64_t i0 = begin; i0 < end; i0 += S) {
+          const std::int64_t n = std::min(S, end - i0);
+#pragma omp simd
+          for (std::int64_t j = 0; j < n; ++j) stage(j, i0 + j, c);
+          flush(i0, n);
+        }
+      } else if (C <= S) {
+        const std::int64_t rows = S / C;  // whole rows per stage
+        for (std::int64_t i0 = begin; i0 < end; i0 += rows * C) {
+          const std::int64_t n = std::min(rows * C, end - i0);
+          for (std::int64_t j0 = 0; j0 < n; j0 += C) {
+#pragma omp simd
+            for (std::int64_t k = 0; k < C; ++k) stage(j0 + k, i0 + j0 + k, k);
+          }
+          flush(i0, n);
+        }
+      } else {
+        for (std::int64_t r = begin; r < end; r += C) {
+          for (std::int64_t k0 = 0; k0 < C; k0 += S) {
+            const std::int64_t n = std::min(S, C - k0);
+#pragma omp simd
+            for (std::int64_t j = 0; j < n; ++j) stage(j, r + k0 + j, k0 + j);
+            flush(r + k0, n);
+          }
+        }
+      }
+    });
+    if (stream) stream_fence();
+  }
 }
 
 }  // namespace
@@ -387,11 +568,11 @@ void normalize(const Geometry& g, const T* x, const T* z, const T* center, const
   // v = (x - center) scale + shift [+ z], then max(v, 0) with relu (NaN stays NaN, as torch.relu).
   auto pass = [&](auto add, auto rectify) {
     constexpr bool kAdd = decltype(add)::value, kRelu = decltype(rectify)::value;
-    map_elements(g, [=](std::int64_t i, std::int64_t c) {
+    map_elements(g, y, static_cast<T*>(nullptr), [=](std::int64_t i, std::int64_t c) {
       T v = (x[i] - center[c]) * scale[c] + shift[c];
       if constexpr (kAdd) v += z[i];
       if constexpr (kRelu) v = v < T(0) ? T(0) : v;
-      y[i] = v;
+      return v;
     });
   };
   if (z != nullptr) {
@@ -409,12 +590,15 @@ void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, cons
   // g = dy, or dy * (y > 0); dx = a g - k (x - center) + d; dz = g.
   auto pass = [&](auto masked, auto residual) {
     constexpr bool kMasked = decltype(masked)::value, kResidual = decltype(residual)::value;
-    map_elements(g, [=](std::int64_t i, std::int64_t c) {
+    map_elements(g, dx, dz, [=](std::int64_t i, std::int64_t c) {
       T gi = dy[i];
       if constexpr (kMasked) gi = relu_gate(y[i], gi);
-      const T xi = x[i];
-      if constexpr (kResidual) dz[i] = gi;
-      dx[i] = a[c] * gi - k[c] * (xi - center[c]) + d[c];
+      const T dxi = a[c] * gi - k[c] * (x[i] - center[c]) + d[c];
+      if constexpr (kResidual) {
+        return Pair<T>{dxi, gi};
+      } else {
+        return dxi;
+      }
     });
   };
   if (y != nullptr && dz != nullptr) {

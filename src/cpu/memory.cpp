@@ -3,8 +3,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace syncbn::cpu {
@@ -20,7 +23,43 @@ bool enabled() {
   return on;
 }
 
+// The largest cache of level 3 or more that cpu0's sysfs lists ("32768K"), in bytes; 0 if none.
+std::size_t sysfs_llc_bytes() {
+  std::size_t best = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || !(size_file >> size) || level < 3) continue;
+    char* end = nullptr;
+    std::size_t bytes = std::strtoull(size.c_str(), &end, 10);
+    if (end != nullptr && (*end == 'K' || *end == 'k')) bytes <<= 10;
+    if (end != nullptr && (*end == 'M' || *end == 'm')) bytes <<= 20;
+    if (bytes > best) best = bytes;
+  }
+  return best;
+}
+
+std::size_t llc_bytes() {
+  std::size_t bytes = sysfs_llc_bytes();
+#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
+  if (bytes == 0) {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) bytes = static_cast<std::size_t>(l3);
+  }
+#endif
+  return bytes != 0 ? bytes : std::size_t{32} << 20;
+}
+
 }  // namespace
+
+std::size_t stream_output_bytes() {
+  const char* env = std::getenv("SYNCBN_CPU_STREAM_BYTES");
+  if (env != nullptr && *env != '\0') return static_cast<std::size_t>(std::strtoull(env, nullptr, 10));
+  static const std::size_t bytes = llc_bytes();
+  return bytes;
+}
 
 void prepare_output(void* data, std::size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -20,6 +20,13 @@ constexpr std::size_t kHugePageOutputBytes = std::size_t{4} << 20;
 // SYNCBN_CPU_HUGEPAGES=0 in the environment.
 void prepare_output(void* data, std::size_t bytes);
 
+// Outputs at least this many bytes are written with non-temporal (streaming) stores by the
+// elementwise passes: past the last-level cache, an ordinary store first reads the line it
+// writes, a third of a pass's traffic, and the output would not stay in the cache anyway.
+// The size of the last-level cache (sysfs, else sysconf, else 32 MiB), or
+// SYNCBN_CPU_STREAM_BYTES from the environment (0: always; a huge value: never).
+std::size_t stream_output_bytes();
+
 // Bytes of a dense tensor of T with geometry g.
 template <class T>
 std::size_t tensor_bytes(const core::Geometry& g) {
