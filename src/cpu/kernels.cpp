@@ -242,6 +242,46 @@ void reduce_rows_blocked(const Op& op, std::int64_t C, std::int64_t r_begin, std
   }
 }
 
+// Channels-last rows of exactly two blocks (2 kBlockBytes) also keep their group sums in
+// registers where there are 32 vector registers (AVX-512): reduce_rows_blocked with two
+// accumulator sets, one per half of the row (C = 128 fp32 or 64 fp64). One array of 2W
+// accumulators is not kept in registers by GCC 12 (measured 1.5-2.1x slower than reduce_rows);
+// two arrays of W are: 0.79-0.85x the forward time of reduce_rows<1> for C = 128 fp32.
+#if defined(__AVX512F__)
+constexpr bool kTwoBlocks = true;
+#else
+constexpr bool kTwoBlocks = false;
+#endif
+
+template <class A, class Op>
+void reduce_rows_two_blocks(const Op& op, std::int64_t C, std::int64_t r_begin,
+                            std::int64_t r_end, double* pu, double* pv) {
+  constexpr int W = static_cast<int>(kBlockBytes / static_cast<std::int64_t>(sizeof(A)));
+  for (std::int64_t r0 = r_begin; r0 < r_end; r0 += kGroupRows) {
+    const std::int64_t r1 = std::min(r0 + kGroupRows, r_end);
+    A au[W] = {}, av[W] = {}, bu[W] = {}, bv[W] = {};
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const std::int64_t base = r * C;
+      for (int k = 0; k < W; ++k) {
+        const Pair<A> p = op(A{}, base + k, k);
+        au[k] += p.u;
+        av[k] += p.v;
+      }
+      for (int k = 0; k < W; ++k) {
+        const Pair<A> p = op(A{}, base + W + k, W + k);
+        bu[k] += p.u;
+        bv[k] += p.v;
+      }
+    }
+    for (int k = 0; k < W; ++k) {
+      pu[k] += static_cast<double>(au[k]);
+      pv[k] += static_cast<double>(av[k]);
+      pu[W + k] += static_cast<double>(bu[k]);
+      pv[W + k] += static_cast<double>(bv[k]);
+    }
+  }
+}
+
 // The two reductions share one traversal. An Op gives, for element i of channel c, the Pair<B>
 // whose u and v are summed per channel, computed in type B (op(B{}, i, c)). Channels-first
 // pieces take fp64 pairs (exact for fp32 data) into fp64 accumulators; channels-last rows take
@@ -313,6 +353,8 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
           const std::int64_t row_bytes = C * static_cast<std::int64_t>(sizeof(A));
           if (row_bytes <= kBlockBytes) {
             reduce_rows_blocked<A>(op, C, begin / C, end / C, pu, pv);
+          } else if (kTwoBlocks && row_bytes == 2 * kBlockBytes) {
+            reduce_rows_two_blocks<A>(op, C, begin / C, end / C, pu, pv);
           } else if (row_bytes >= kMultiRowBytes) {
             reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);
           } else {

@@ -160,6 +160,29 @@ TEST_P(WideChannels, MatchReference) {
 }
 INSTANTIATE_TEST_SUITE_P(All, WideChannels, kAllDtypeLayouts, dtype_layout_name);
 
+using RowWidth = std::tuple<syncbn_dtype_t, syncbn_layout_t, int64_t>;
+class ChannelsLastRowWidths : public ::testing::TestWithParam<RowWidth> {};
+
+// Channels-last rows around the widths at which the reduction changes path (src/cpu/kernels.cpp:
+// rows of at most kBlockBytes = 64, 128 or 256 bytes by instruction set with their sums in
+// registers, the last channels in a block of runtime width; rows of exactly two blocks on
+// AVX-512; wider rows through group sums in memory): C from 8 to 129 in both dtypes, 16-row
+// groups whole and partial, and (> 32768 elements) rows split between threads.
+TEST_P(ChannelsLastRowWidths, MatchReference) {
+  const auto [dtype, layout, C] = GetParam();
+  train_and_eval_each(dtype, layout, C, {{37, {}}, {3, {7, 5}}, {300, {2}}});
+}
+INSTANTIATE_TEST_SUITE_P(All, ChannelsLastRowWidths,
+                         ::testing::Combine(::testing::Values(SYNCBN_FLOAT32, SYNCBN_FLOAT64),
+                                            ::testing::Values(SYNCBN_CHANNELS_LAST),
+                                            ::testing::Values(8, 16, 31, 32, 33, 48, 63, 64, 65,
+                                                              96, 127, 128, 129)),
+                         [](const ::testing::TestParamInfo<RowWidth>& info) {
+                           return std::string(dtype_name(std::get<0>(info.param))) + "_" +
+                                  layout_name(std::get<1>(info.param)) + "_C" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
+
 class ShortRows : public ::testing::TestWithParam<DtypeLayout> {};
 
 // Channels-first rows of fewer than 256 values read (forward: x; backward: x and dy, so rows
