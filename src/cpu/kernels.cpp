@@ -445,8 +445,8 @@ void stream_out(T* dst, const T* src, std::int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-// Elements of a thread's staging buffer (per output): an elementwise pass that streams computes
-// this many into the L1-resident buffer, then streams them out.
+// Bytes of each of a thread's staging buffers (one per output): an elementwise pass that streams
+// computes this much of its output into the L1-resident buffer, then streams it out.
 constexpr std::int64_t kStageBytes = 4096;
 
 // One elementwise traversal for every output pass: op(i, c) returns the output of element i of
@@ -488,8 +488,8 @@ void map_elements(const Geometry& g, T* y0, T* y1, const Op& op) {
       constexpr std::int64_t S = kStageBytes / static_cast<std::int64_t>(sizeof(T));
       alignas(64) T b0[S];
       alignas(64) T b1[kTwo ? S : 1];
-      // Stages [i0, i0 + n) of channel c (channels-first) or of rows starting at channel k0
-      // (channels-last: n is whole rows, or part of one), then streams it out.
+      // Streams the staged elements [i0, i0 + n) out: part of one channel's row (channels-first),
+      // or whole rows or part of one (channels-last).
       auto flush = [&](std::int64_t i0, std::int64_t n) {
         stream_out(y0 + i0, b0, n);
         if constexpr (kTwo) stream_out(y1 + i0, b1, n);

@@ -55,8 +55,13 @@ std::size_t llc_bytes() {
 }  // namespace
 
 std::size_t stream_output_bytes() {
+  // Read at every call (tests change it); a value that is not a whole number is ignored.
   const char* env = std::getenv("SYNCBN_CPU_STREAM_BYTES");
-  if (env != nullptr && *env != '\0') return static_cast<std::size_t>(std::strtoull(env, nullptr, 10));
+  if (env != nullptr && *env >= '0' && *env <= '9') {
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(env, &end, 10);
+    if (end != nullptr && *end == '\0') return static_cast<std::size_t>(n);
+  }
   static const std::size_t bytes = llc_bytes();
   return bytes;
 }

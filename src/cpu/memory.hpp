@@ -24,7 +24,8 @@ void prepare_output(void* data, std::size_t bytes);
 // elementwise passes: past the last-level cache, an ordinary store first reads the line it
 // writes, a third of a pass's traffic, and the output would not stay in the cache anyway.
 // The size of the last-level cache (sysfs, else sysconf, else 32 MiB), or
-// SYNCBN_CPU_STREAM_BYTES from the environment (0: always; a huge value: never).
+// SYNCBN_CPU_STREAM_BYTES from the environment, a whole number of bytes (0: always; a huge
+// value: never; anything else is ignored).
 std::size_t stream_output_bytes();
 
 // Bytes of a dense tensor of T with geometry g.
