@@ -206,39 +206,30 @@ void reduce_rows_blocked(const Op& op, std::int64_t C, std::int64_t r_begin, std
                          double* pu, double* pv) {
   constexpr int W = static_cast<int>(kBlockBytes / static_cast<std::int64_t>(sizeof(A)));
   const std::int64_t full = C / W * W;
+  // Rows [r0, r1) of channels [k0, k0 + width) into a block of accumulators, then merged. A
+  // whole block passes its width as a compile-time constant: a loop of known length over
+  // arrays of known size is what GCC keeps in registers.
+  auto block = [&](std::int64_t r0, std::int64_t r1, std::int64_t k0, auto width) {
+    A au[W] = {}, av[W] = {};
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const std::int64_t base = r * C + k0;
+      for (int k = 0; k < static_cast<int>(width); ++k) {
+        const Pair<A> p = op(A{}, base + k, k0 + k);
+        au[k] += p.u;
+        av[k] += p.v;
+      }
+    }
+    for (int k = 0; k < static_cast<int>(width); ++k) {
+      pu[k0 + k] += static_cast<double>(au[k]);
+      pv[k0 + k] += static_cast<double>(av[k]);
+    }
+  };
   for (std::int64_t r0 = r_begin; r0 < r_end; r0 += kGroupRows) {
     const std::int64_t r1 = std::min(r0 + kGroupRows, r_end);
     for (std::int64_t k0 = 0; k0 < full; k0 += W) {
-      A au[W] = {}, av[W] = {};
-      for (std::int64_t r = r0; r < r1; ++r) {
-        const std::int64_t base = r * C + k0;
-        for (int k = 0; k < W; ++k) {
-          const Pair<A> p = op(A{}, base + k, k0 + k);
-          au[k] += p.u;
-          av[k] += p.v;
-        }
-      }
-      for (int k = 0; k < W; ++k) {
-        pu[k0 + k] += static_cast<double>(au[k]);
-        pv[k0 + k] += static_cast<double>(av[k]);
-      }
+      block(r0, r1, k0, std::integral_constant<int, W>{});
     }
-    if (full < C) {
-      const int n = static_cast<int>(C - full);
-      A au[W] = {}, av[W] = {};
-      for (std::int64_t r = r0; r < r1; ++r) {
-        const std::int64_t base = r * C + full;
-        for (int k = 0; k < n; ++k) {
-          const Pair<A> p = op(A{}, base + k, full + k);
-          au[k] += p.u;
-          av[k] += p.v;
-        }
-      }
-      for (int k = 0; k < n; ++k) {
-        pu[full + k] += static_cast<double>(au[k]);
-        pv[full + k] += static_cast<double>(av[k]);
-      }
-    }
+    if (full < C) block(r0, r1, full, static_cast<int>(C - full));
   }
 }
 
