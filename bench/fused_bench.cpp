@@ -12,8 +12,9 @@
 // Per shape, layout and activation (relu: y = relu(bn(x)); add_relu: y = relu(bn(x) + z)), on
 // the same OpenMP threads and in the same run, four modes:
 //   fused     one syncbn plan on MPI_COMM_WORLD with cfg.activation = SYNCBN_ACTIVATION_RELU
-//             (_ADD_RELU): syncbn_forward_training_ex (z: the residual) and syncbn_backward_ex
-//             (y: the forward's output, for the mask; dz: the residual's gradient).
+//             (_ADD_RELU): syncbn_forward_training_ex (z: the residual; mask: the relu's mask,
+//             a byte per element) and syncbn_backward_ex (mask: the forward's, in place of y;
+//             dz: the residual's gradient), as the libtorch and Python modules call them.
 //   separate  what a framework runs without the fusion: a syncbn plan on MPI_COMM_WORLD without
 //             an activation, then the activation as its own passes over the tensor (OpenMP simd
 //             loops, compiled for AVX-512 / AVX2 / baseline and picked at run time, as PyTorch's
@@ -38,15 +39,17 @@
 // once per round, each after an MPI_Barrier, in a random order per round (the same on every
 // rank), -w untimed rounds then -n timed ones (bench/driver/bench_mpi.hpp's time_interleaved);
 // the median over rounds of each op on each rank, then the maximum over ranks. Every mode's
-// buffers are its own (y, dx, dz), so a backward op reads its own forward's y; before the rounds
-// every mode runs once, so that no backward op reads an output not yet written.
-// GB/s: the bytes each mode must move over its time (T = the tensor's bytes): fused relu
-// forward 3T (x twice, y), backward 7T (x, dy, y twice, dx); fused add_relu 4T (+ z) and 8T
-// (+ dz); separate relu 5T (+ relu read and write) and 8T (relu backward 3T, batch norm 5T);
-// separate add_relu 8T (+ add 3T, relu 2T) and 8T; oneDNN relu 3T and 5T (plus the workspace);
-// oneDNN add_relu 6T (batch norm 3T, binary 3T) and 8T (eltwise backward 3T, batch norm 5T).
-// A memory-bound model gives fused / separate forward+backward = 10 / 13 = 0.77 (relu) and
-// 12 / 16 = 0.75 (add_relu) where the tensor is larger than the caches; the footer prints them.
+// buffers are its own (y, mask, dx, dz), so a backward op reads its own forward's mask (or y);
+// before the rounds every mode runs once, so that no backward op reads an output not yet written.
+// GB/s: the bytes each mode must move over its time (T = the tensor's bytes, M = T/4 the mask's):
+// fused relu forward 3T + M (x twice, y, mask), backward 5T + 2M (x, dy and the mask twice, dx);
+// fused add_relu 4T + M (+ z) and 6T + 2M (+ dz); separate relu 5T (+ relu read and write) and
+// 8T (relu backward 3T, batch norm 5T); separate add_relu 8T (+ add 3T, relu 2T) and 8T; oneDNN
+// relu 3T and 5T (plus the workspace); oneDNN add_relu 6T (batch norm 3T, binary 3T) and 8T
+// (eltwise backward 3T, batch norm 5T). A memory-bound model gives fused / separate
+// forward+backward = 8.75 / 13 = 0.67 (relu) and 10.75 / 16 = 0.67 (add_relu) where the tensor
+// is larger than the caches (with y for the mask, as before 0.5: 10 / 13 = 0.77 and
+// 12 / 16 = 0.75); the footer prints them.
 //
 // Goals (footer): fused / separate forward+backward <= 0.75; fused / oneDNN forward+backward
 // <= 1.0 (counted per row).
@@ -434,8 +437,9 @@ struct Tensors {  // every tensor of one shape, for both activations
   explicit Tensors(int64_t count)
       : x(count), z(count), dy(count), y_f(count), y_s(count), y_d(count), y_l(count),
         dx_f(count), dx_s(count), dx_d(count), dx_l(count), dz_f(count), g_s(count), g_d(count),
-        dz_l(count) {}
+        dz_l(count), mask_f(static_cast<size_t>(count)), mask_l(static_cast<size_t>(count)) {}
   Buffer x, z, dy, y_f, y_s, y_d, y_l, dx_f, dx_s, dx_d, dx_l, dz_f, g_s, g_d, dz_l;
+  std::vector<uint8_t> mask_f, mask_l;  // the fused and local plans' relu masks
 };
 
 struct Stats {  // a plan's saved and running statistics and parameter gradients
@@ -462,7 +466,7 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   Stats st_f(C), st_s(C), st_l(C), st_d(C);  // st_d: oneDNN's diff_scale / diff_shift
 
   // The fused plan's calls (fused: on the world; local: on self).
-  auto fused_fwd = [&](syncbn::BatchNorm& bn, Stats& st, float* y) {
+  auto fused_fwd = [&](syncbn::BatchNorm& bn, Stats& st, float* y, uint8_t* mask) {
     syncbn_forward_args_t a{};
     a.ndim = 4;
     a.shape = shape.data();
@@ -476,14 +480,16 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     a.running_mean = st.rmean.data();
     a.running_var = st.rvar.data();
     a.num_batches_tracked = &st.nbt;
+    a.mask = mask;
     bn.forward_training(a);
   };
-  auto fused_bwd = [&](syncbn::BatchNorm& bn, Stats& st, const float* y, float* dx, float* dz) {
+  auto fused_bwd = [&](syncbn::BatchNorm& bn, Stats& st, const uint8_t* mask, float* dx,
+                       float* dz) {
     syncbn_backward_args_t b{};
     b.ndim = 4;
     b.shape = shape.data();
     b.x = t.x.data();
-    b.y = y;
+    b.mask = mask;
     b.dy = t.dy.data();
     b.weight = weight.data();
     b.save_mean = st.mean.data();
@@ -513,11 +519,11 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     return static_cast<int>(ops.size()) - 1;
   };
   int op_f[3], op_s[3], op_d[3] = {-1, -1, -1};
-  op_f[0] = op([&] { fused_fwd(fused, st_f, t.y_f.data()); });
-  op_f[1] = op([&] { fused_bwd(fused, st_f, t.y_f.data(), t.dx_f.data(), t.dz_f.data()); });
+  op_f[0] = op([&] { fused_fwd(fused, st_f, t.y_f.data(), t.mask_f.data()); });
+  op_f[1] = op([&] { fused_bwd(fused, st_f, t.mask_f.data(), t.dx_f.data(), t.dz_f.data()); });
   op_f[2] = op([&] {
-    fused_fwd(fused, st_f, t.y_f.data());
-    fused_bwd(fused, st_f, t.y_f.data(), t.dx_f.data(), t.dz_f.data());
+    fused_fwd(fused, st_f, t.y_f.data(), t.mask_f.data());
+    fused_bwd(fused, st_f, t.mask_f.data(), t.dx_f.data(), t.dz_f.data());
   });
   op_s[0] = op(sep_fwd);
   op_s[1] = op(sep_bwd);
@@ -526,8 +532,8 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     sep_bwd();
   });
   const int op_l = op([&] {
-    fused_fwd(local, st_l, t.y_l.data());
-    fused_bwd(local, st_l, t.y_l.data(), t.dx_l.data(), t.dz_l.data());
+    fused_fwd(local, st_l, t.y_l.data(), t.mask_l.data());
+    fused_bwd(local, st_l, t.mask_l.data(), t.dx_l.data(), t.dz_l.data());
   });
   std::string r_impl;
 #ifdef SYNCBN_BENCH_HAVE_ONEDNN
@@ -571,7 +577,8 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   }
   r.local_fb = seconds(op_l);
   r.onednn_impl = r_impl;
-  const double bf[2] = {add ? 4 * T : 3 * T, add ? 8 * T : 7 * T};
+  const double M = static_cast<double>(count);  // the relu mask: a byte per element
+  const double bf[2] = {(add ? 4 * T : 3 * T) + M, (add ? 6 * T : 5 * T) + 2 * M};
   const double bs[2] = {add ? 8 * T : 5 * T, 8 * T};
   const double bd[2] = {add ? 6 * T : 3 * T, add ? 8 * T : 5 * T};
   for (int k = 0; k < 2; ++k) {
@@ -586,8 +593,8 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   if (!o.check) return r;
 
   // ---- fused vs separate, bitwise: one more call of each, the same calls on both plans.
-  fused_fwd(fused, st_f, t.y_f.data());
-  fused_bwd(fused, st_f, t.y_f.data(), t.dx_f.data(), t.dz_f.data());
+  fused_fwd(fused, st_f, t.y_f.data(), t.mask_f.data());
+  fused_bwd(fused, st_f, t.mask_f.data(), t.dx_f.data(), t.dz_f.data());
   sep_fwd();
   sep_bwd();
   Diff d;
@@ -614,7 +621,7 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
 #ifdef SYNCBN_BENCH_HAVE_ONEDNN
   // ---- oneDNN vs syncbn's local plan (each rank's own batch), to a tolerance.
   if (onednn) {
-    fused_fwd(local, st_l, t.y_l.data());
+    fused_fwd(local, st_l, t.y_l.data(), t.mask_l.data());
     onednn->forward();
     const double y_max = max_abs(t.y_l.data(), count);
     const double y_tol = kOneDnnTolerance * y_max;
@@ -637,7 +644,7 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
       saved_dy.push_back(t.dy.data()[i]);
       t.dy.data()[i] = 0.0f;
     }
-    fused_bwd(local, st_l, t.y_l.data(), t.dx_l.data(), t.dz_l.data());
+    fused_bwd(local, st_l, t.mask_l.data(), t.dx_l.data(), t.dz_l.data());
     onednn->backward();
     for (std::size_t k = 0; k < kink.size(); ++k) t.dy.data()[kink[k]] = saved_dy[k];
     std::vector<double> rel = {
@@ -811,7 +818,8 @@ void print_summary(const std::vector<Row>& rows, const Checks& chk, const Option
                   "over ranks; f+b: forward then backward timed as one op.");
   lines.push_back(
       "fused: syncbn plan with SYNCBN_ACTIVATION_RELU / _ADD_RELU on MPI_COMM_WORLD "
-      "(syncbn_forward_training_ex, syncbn_backward_ex with y and dz).");
+      "(syncbn_forward_training_ex writing the relu's mask, a byte per element; "
+      "syncbn_backward_ex reading it, and dz).");
   lines.push_back(
       "separate: syncbn plan without activation on MPI_COMM_WORLD, then relu_(y) "
       "[add_relu: y += z; relu_(y)] as separate passes; backward g = (y > 0 ? dy : 0) to a "
@@ -837,11 +845,11 @@ void print_summary(const std::vector<Row>& rows, const Checks& chk, const Option
       "local/dnnl: the fused plan on syncbn_comm_create_self (no exchange, like oneDNN), f+b "
       "over oneDNN's f+b.");
   lines.push_back(
-      "GB/s: bytes each mode moves (T = tensor bytes) over its f+b time: fused relu 3T + 7T, "
-      "add_relu 4T + 8T; separate relu 5T + 8T, add_relu 8T + 8T; oneDNN relu 3T + 5T, "
-      "add_relu 6T + 8T.");
+      "GB/s: bytes each mode moves (T = tensor bytes, M = T/4 the relu mask) over its f+b time: "
+      "fused relu 3T+M + 5T+2M, add_relu 4T+M + 6T+2M; separate relu 5T + 8T, add_relu 8T + 8T; "
+      "oneDNN relu 3T + 5T, add_relu 6T + 8T.");
   lines.push_back(
-      "Memory-bound model of fused / separate f+b: relu 10/13 = 0.77, add_relu 12/16 = 0.75 "
+      "Memory-bound model of fused / separate f+b: relu 8.75/13 = 0.67, add_relu 10.75/16 = 0.67 "
       "(tensors larger than the caches; the exchange and fixed costs move small shapes toward "
       "1).");
   lines.push_back("bits diff: elements (and per-channel values) of the fused outputs whose bits "

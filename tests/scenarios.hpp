@@ -78,12 +78,17 @@ struct Scenario {
   // The fused activation (the named-argument calls; y checked against relu(bn(x) [+ z]), the
   // backward's g = dy (y > 0) from the y the library wrote, dz = g).
   syncbn_activation_t activation = SYNCBN_ACTIVATION_NONE;
+  // With an activation: the forward also writes the relu's mask (checked against y > 0) and the
+  // backward reads it instead of y.
+  bool mask = false;
 };
 
-// sc with the fused activation act, named name.
-inline Scenario with_activation(Scenario sc, const char* name, syncbn_activation_t act) {
+// sc with the fused activation act, named name (and the mask, with_mask).
+inline Scenario with_activation(Scenario sc, const char* name, syncbn_activation_t act,
+                                bool with_mask = false) {
   sc.name = name;
   sc.activation = act;
+  sc.mask = with_mask;
   return sc;
 }
 
@@ -171,6 +176,12 @@ inline const std::vector<Scenario>& scenarios() {
     all.push_back(with_activation(named("c129_odd_spatial"), "add_relu_c129_odd_spatial", kAdd));
     all.push_back(with_activation(named("six_steps_cumulative"), "relu_six_steps_cumulative",
                                   kRelu));
+    // The backward from the forward's mask instead of y.
+    all.push_back(with_activation(named("uneven_n"), "relu_mask_uneven_n", kRelu, true));
+    all.push_back(with_activation(named("empty_rank1_null_pointers"),
+                                  "add_relu_mask_empty_rank1_null_pointers", kAdd, true));
+    all.push_back(with_activation(named("c129_odd_spatial"), "add_relu_mask_c129_odd_spatial",
+                                  kAdd, true));
     return all;
   }();
   return fused;
@@ -465,6 +476,10 @@ class ScenarioRun {
     // ---- forward
     Array<S> xd(M::storage(x_)), yd(n), zd(M::storage(z_));
     yd.fill(sentinel);
+    const bool with_mask = fused() && sc_.mask;
+    Array<std::uint8_t> maskd(with_mask ? n : 0);
+    maskd.fill(std::uint8_t{0xA5});
+    std::uint8_t* const mask = maskd.size() != 0 ? maskd.data() : nullptr;
     Array<P> smd(out_c), sid(out_c);
     const std::vector<P> rm_before = dev_.running_mean.download();
     syncbn_status_t fs = SYNCBN_SUCCESS;
@@ -489,6 +504,7 @@ class ScenarioRun {
       fa.running_var = sc_.track ? dev_.running_var.data() : ign_rv_.data();
       fa.num_batches_tracked = sc_.track ? dev_.num_batches_tracked.data() : nullptr;
       fa.stream = stream();
+      fa.mask = mask;
       fs = syncbn_forward_training_ex(plan, &fa);
     }
     EXPECT_EQ(fs, SYNCBN_SUCCESS) << syncbn_last_error();
@@ -499,6 +515,12 @@ class ScenarioRun {
     if (fused()) y_want = activate(y_want, add() ? z_.data() : static_cast<const P*>(nullptr));
     const std::vector<double> y_got = M::values(yd);
     EXPECT_TRUE(all_close("y", y_got, y_want, M::data));
+    if (with_mask) {
+      const std::vector<std::uint8_t> mask_got = maskd.download();
+      size_t wrong = 0;
+      for (size_t i = 0; i < n; ++i) wrong += mask_got[i] != (y_got[i] > 0 ? 1 : 0);
+      EXPECT_EQ(wrong, 0u) << "mask bytes other than y > 0";
+    }
     EXPECT_TRUE(all_close("save_mean", save_mean, stats.mean, scaled(M::stats, stats.abs_mean)));
     EXPECT_TRUE(all_close("save_invstd", save_invstd, stats.invstd, Tol{stats_rel(), {}}));
     EXPECT_TRUE(group_.same_as_rank0("save_mean", save_mean));
@@ -544,7 +566,8 @@ class ScenarioRun {
       ba.ndim = g_.ndim();
       ba.shape = shape.data();
       ba.x = data(xd);
-      ba.y = data(yd);
+      ba.y = with_mask ? nullptr : data(yd);
+      ba.mask = with_mask ? mask : nullptr;
       ba.dy = data(dyd);
       ba.weight = weight();
       ba.save_mean = smd.data();

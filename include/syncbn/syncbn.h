@@ -489,10 +489,17 @@ SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const i
    then fails for want of z), and backward fails for want of y. */
 
 /* The arguments of syncbn_forward_training_ex and syncbn_forward_inference_ex: those of
-   syncbn_forward_training, by name, plus the residual input z. Zero-initialize the struct
-   (= {0} in C, {} in C++) and set what the call uses, so that fields added later stay NULL.
-     z  [in] SYNCBN_ACTIVATION_ADD_RELU: the residual, same shape, layout and dtype as x (may
-             equal y); otherwise must be NULL. */
+   syncbn_forward_training, by name, plus the residual input z and the relu mask. Zero-initialize
+   the struct (= {0} in C, {} in C++) and set what the call uses, so that fields added later stay
+   NULL.
+     z     [in]  SYNCBN_ACTIVATION_ADD_RELU: the residual, same shape, layout and dtype as x (may
+                 equal y); otherwise must be NULL.
+     mask  [out] with an activation, optional (since 0.5): the relu's mask for syncbn_backward_ex,
+                 one byte per element of y in y's memory order (as many bytes as x has elements;
+                 a torch.bool / torch.uint8 tensor shaped like x), 1 where y > 0 and 0 elsewhere
+                 (NaN: 0), written in the normalize pass beside y. A backward reading it instead
+                 of y reads a quarter of the bytes (fp32; an eighth for fp64) in each of its two
+                 passes (oneDNN's fuse_norm_relu workspace). Without an activation must be NULL. */
 typedef struct syncbn_forward_args {
   int ndim;
   const int64_t* shape;
@@ -507,13 +514,19 @@ typedef struct syncbn_forward_args {
   void* running_var;         /* [in/out] in training, [in] in inference */
   int64_t* num_batches_tracked; /* training only */
   void* stream;
+  void* mask;                /* since 0.5 */
 } syncbn_forward_args_t;
 
 /* The arguments of syncbn_backward_ex: those of syncbn_backward, by name, plus
-     y   [in]  SYNCBN_ACTIVATION_RELU / _ADD_RELU: the forward's output, whose mask y > 0
-               gates dy (relu'(0) = 0, as PyTorch's threshold_backward); otherwise must be NULL
-     dz  [out] SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient dy * (y > 0), optional (NULL:
-               not computed; may equal dy, not dx); otherwise must be NULL. */
+     y     [in]  SYNCBN_ACTIVATION_RELU / _ADD_RELU: the forward's output, whose mask y > 0
+                 gates dy (relu'(0) = 0, as PyTorch's threshold_backward); NULL where mask is
+                 given; otherwise must be NULL
+     mask  [in]  with an activation, in place of y (since 0.5): the forward's mask
+                 (syncbn_forward_args_t.mask), whose nonzero bytes keep dy; the same results as with y,
+                 bitwise. Exactly one of y and mask (both: "y must be NULL when mask is given").
+                 Without an activation must be NULL
+     dz    [out] SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient dy * (y > 0), optional (NULL:
+                 not computed; may equal dy, not dx); otherwise must be NULL. */
 typedef struct syncbn_backward_args {
   int ndim;
   const int64_t* shape;
@@ -528,6 +541,7 @@ typedef struct syncbn_backward_args {
   void* dweight;
   void* dbias;
   void* stream;
+  const void* mask;          /* since 0.5 */
 } syncbn_backward_args_t;
 
 /* syncbn_forward_training with the plan's activation fused into its normalize pass:
@@ -544,8 +558,8 @@ SYNCBN_API syncbn_status_t syncbn_forward_training_ex(syncbn_plan_t plan,
 SYNCBN_API syncbn_status_t syncbn_forward_inference_ex(syncbn_plan_t plan,
                                                        const syncbn_forward_args_t* args);
 
-/* syncbn_backward of a fused forward: with g = dy * (y > 0) (the activation's backward, in the
-   same passes), the batch-norm backward of g: dx, dweight and dbias as syncbn_backward gives
+/* syncbn_backward of a fused forward: with g = dy * (y > 0), or dy where mask is 1 (the
+   activation's backward, in the same passes), the batch-norm backward of g: dx, dweight and dbias as syncbn_backward gives
    them for dy = g, and dz = g. Without an activation it is syncbn_backward. COLLECTIVE, with
    the same errors and guarantees (dz too is left as it was on error). */
 SYNCBN_API syncbn_status_t syncbn_backward_ex(syncbn_plan_t plan,
@@ -584,7 +598,8 @@ typedef enum syncbn_problem {
      call      the call this rank was about to make
      argument  the C API's name of the argument ("x", "dy", "weight", "bias", "running_mean",
                "running_var", "num_batches_tracked", "save_mean", "save_invstd", "y", "dx",
-               "dweight", "dbias", "z", "dz"); NULL or another name is reported as "an argument"
+               "dweight", "dbias", "z", "dz", "mask"); NULL or another name is reported as "an
+               argument"
      problem   what is wrong (another value is reported as "rejected by the caller")
      detail    text for this rank's message only (may be NULL), e.g. "float64, plan float32"
      stream    as for the call: NULL for CPU plans, the cudaStream_t for CUDA plans

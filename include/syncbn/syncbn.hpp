@@ -176,7 +176,8 @@ class BatchNorm {
   }
 
   // The named-argument calls (syncbn_forward_training_ex, ...): every argument by name, and the
-  // fused activation's z (forward), y and dz (backward). Zero-initialize the struct ({}).
+  // fused activation's z and mask (forward), y or mask and dz (backward). Zero-initialize the
+  // struct ({}).
   //   syncbn_forward_args_t a{};
   //   a.ndim = 4; a.shape = shape; a.x = x; a.z = residual; a.y = y; ...
   //   bn.forward_training(a);

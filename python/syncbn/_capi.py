@@ -90,6 +90,7 @@ class ForwardArgs(ctypes.Structure):
         ("running_var", _p),
         ("num_batches_tracked", _p),  # int64_t*
         ("stream", _p),
+        ("mask", _p),  # since 0.5
     ]
 
 
@@ -110,6 +111,7 @@ class BackwardArgs(ctypes.Structure):
         ("dweight", _p),
         ("dbias", _p),
         ("stream", _p),
+        ("mask", _p),  # since 0.5
     ]
 
 
@@ -238,7 +240,7 @@ class Plan:
     def forward_training(self, shape, **args):
         """syncbn_forward_training_ex (COLLECTIVE). args: the fields of syncbn_forward_args_t
         (x, z, weight, bias, y, save_mean, save_invstd, running_mean, running_var,
-        num_batches_tracked, stream)."""
+        num_batches_tracked, stream, mask)."""
         a = _args(ForwardArgs, shape, args)
         check(lib.syncbn_forward_training_ex(self.handle, ctypes.byref(a)))
 
@@ -249,8 +251,8 @@ class Plan:
         check(lib.syncbn_forward_inference_ex(self.handle, ctypes.byref(a)))
 
     def backward(self, shape, **args):
-        """syncbn_backward_ex (COLLECTIVE): x, y, dy, weight, save_mean, save_invstd, dx, dz,
-        dweight, dbias, stream."""
+        """syncbn_backward_ex (COLLECTIVE): x, y or mask, dy, weight, save_mean, save_invstd, dx,
+        dz, dweight, dbias, stream."""
         a = _args(BackwardArgs, shape, args)
         check(lib.syncbn_backward_ex(self.handle, ctypes.byref(a)))
 

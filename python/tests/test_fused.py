@@ -3,8 +3,8 @@ SYNCBN_ACTIVATION_RELU and _ADD_RELU) against torch's relu(batch_norm(x) [+ z]) 
 batch (reference.py, float64): y, the gradients of x, z, and the sum over ranks of weight's and
 bias's, running statistics, for (N, C) to (N, C, D, H, W) input, channels_last and
 channels_last_3d (and z in another memory format than x), float32 and float64, uneven, empty
-and spatially different batches; outputs exactly 0 (relu'(0) = 0); gradcheck; evaluation; bad z
-on one rank; convert_sync_batchnorm of timm's BatchNormAct2d; state_dict; Join's shadow."""
+and spatially different batches; outputs exactly 0 (relu'(0) = 0); y changed in place after the
+forward (backward reads the forward's mask); gradcheck; evaluation; bad z on one rank; convert_sync_batchnorm of timm's BatchNormAct2d; state_dict; Join's shadow."""
 
 import copy
 import dataclasses
@@ -184,6 +184,32 @@ def test_outputs_exactly_zero_have_zero_gradient(job, seed, activation, dtype):
         assert torch.equal(x.grad[:, 0], torch.zeros_like(x.grad[:, 0])), "dx of channel 0"
     else:
         assert torch.equal(z.grad[zero], torch.zeros_like(z.grad[zero])), "dz where y == 0"
+
+
+@pytest.mark.parametrize("activation", ["relu", "add_relu"])
+def test_output_changed_in_place_keeps_its_gradient(job, seed, activation):
+    """Backward reads the mask the forward wrote, not y: y changed in place after the forward
+    (y += 1 turns its zeros positive) leaves the gradients those of relu(bn(x) [+ z]), where a
+    saved y would make autograd refuse the backward."""
+    dtype = torch.float64
+    layer = make_layer(activation, job.comm, seed, dtype)
+    ref = reference_of(layer)
+    shapes = [(r + 2, C, 4) for r in range(job.size)]
+    xs = draw(seed, shapes, dtype)
+    dys = draw(seed + 1000, shapes, dtype)
+    zs = draw(seed + 2000, shapes, dtype) if activation == "add_relu" else None
+    x = xs[job.rank].clone().requires_grad_(True)
+    z = zs[job.rank].clone().requires_grad_(True) if zs is not None else None
+    y = call(layer, x, z)
+    cut = job.sum(torch.tensor([(y == 0).sum().item()]))[0]
+    assert cut > 0, "the batch does not test the activation"
+    y.add_(1.0)
+    (y * dys[job.rank]).sum().backward()
+    _, dxs, _, _, dzs = ref.train_step_act(xs, dys, activation, zs)
+    what = f"{activation}, y changed in place, rank {job.rank}"
+    assert_close(x.grad, dxs[job.rank], dtype, f"{what}: dx")
+    if z is not None:
+        assert_close(z.grad, dzs[job.rank], dtype, f"{what}: dz")
 
 
 @pytest.mark.parametrize("activation", ["relu", "add_relu"])

@@ -64,10 +64,11 @@ class Backend {
   // writes that rank's failing guards instead.
   virtual void reduce_moments(Call& call, int rank, const void* x,
                               const std::int64_t* num_batches_tracked) = 0;
-  // With the plan's activation, backward sums g = dy * (y > 0) instead of dy (y: the forward's
-  // output).
+  // With the plan's activation, backward sums g = dy masked instead of dy: by mask (the forward's
+  // mask bytes, syncbn_forward_args_t.mask) where it is not NULL, else by y > 0 (y: the
+  // forward's output).
   virtual void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
-                           const void* save_mean, bool keep_local) = 0;
+                           const void* mask, const void* save_mean, bool keep_local) = 0;
 
   // COLLECTIVE (when call.collective). Sums the packed buffer over comm (comm carries out the
   // exchange, host or device memory); fills call.verdict (host_verdict) where the host can reach
@@ -92,11 +93,12 @@ class Backend {
   virtual void finalize_backward(const Call& call, const BackwardFinalize& f) = 0;
 
   // The elementwise passes with the coefficients of the last finalize and the plan's activation:
-  // y = act((x - center) * scale + shift [+ z]); with g = dy, or dy * (y > 0) with an
+  // y = act((x - center) * scale + shift [+ z]) and, with an activation, mask = y > 0 where mask
+  // is not NULL (one byte per element); with g = dy, or dy masked as in reduce_grad with an
   // activation, dx = a g - k (x - center) + d and dz = g (ADD_RELU; dz may be NULL).
-  virtual void normalize(const Call& call, const void* x, const void* z, void* y) = 0;
+  virtual void normalize(const Call& call, const void* x, const void* z, void* y, void* mask) = 0;
   virtual void backward_elemt(const Call& call, const void* x, const void* dy, const void* y,
-                              void* dx, void* dz) = 0;
+                              const void* mask, void* dx, void* dz) = 0;
 
   // The first verdict the device failed since the last report (CUDA: after waiting for stream,
   // by comm's deadline over NCCL; throws SYNCBN_ERROR_COMM_BROKEN on a broken comm), with its

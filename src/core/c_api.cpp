@@ -99,6 +99,7 @@ syncbn::core::ForwardArgs forward_args(const syncbn_forward_args_t& a) {
   f.weight = a.weight;
   f.bias = a.bias;
   f.y = a.y;
+  f.mask = a.mask;
   f.save_mean = a.save_mean;
   f.save_invstd = a.save_invstd;
   f.running_mean = a.running_mean;
@@ -339,7 +340,7 @@ syncbn_status_t syncbn_backward_ex(syncbn_plan_t plan, const syncbn_backward_arg
       if (args == nullptr) reject_null_args(p, syncbn::core::Op::backward);
       const syncbn_backward_args_t& a = *args;
       p.backward({{a.ndim, a.shape}, a.x, a.dy, a.weight, a.save_mean, a.save_invstd, a.dx,
-                  a.dweight, a.dbias, a.stream, nullptr, a.y, a.dz});
+                  a.dweight, a.dbias, a.stream, nullptr, a.y, a.dz, a.mask});
     });
   });
 }

@@ -42,6 +42,7 @@ const char* arg_name(Arg arg) {
     case Arg::dz: return "dz";
     case Arg::activation: return "activation";
     case Arg::args: return "args";
+    case Arg::mask: return "mask";
   }
   return "(unknown argument)";
 }
@@ -68,7 +69,7 @@ Arg arg_from_name(const char* name) {
       return static_cast<Arg>(a);
     }
   }
-  return Arg::other;
+  return wanted == arg_name(Arg::mask) ? Arg::mask : Arg::other;
 }
 
 std::string describe(Arg arg, Problem problem) {
@@ -109,6 +110,7 @@ std::string describe(Arg arg, Problem problem) {
       return name + ": the split made a group of the wrong size or rank on this rank";
     case Problem::unexpected: return name + " must be NULL: the plan's activation takes none";
     case Problem::aliases: return name + " must not be the same memory as dx";
+    case Problem::with_mask: return name + " must be NULL when mask is given (it replaces " + name + ")";
   }
   return name + ": invalid";
 }

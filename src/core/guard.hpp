@@ -41,6 +41,7 @@ enum class Arg : std::uint16_t {
   memory,
   other,  // an argument the caller named in syncbn_plan_reject_call that is none of the above
   z, dz, activation, args,
+  mask,
 };
 
 // What is wrong with it. Values are part of the wire format: append only.
@@ -71,6 +72,7 @@ enum class Problem : std::uint16_t {
   wrong_group,     // a split produced a group of the wrong size or rank
   unexpected,      // must be NULL: the plan's activation takes no such argument
   aliases,         // is the same memory as an output it must not be (dz and dx)
+  with_mask,       // must be NULL when mask is given (backward's y: the mask replaces it)
 };
 
 // An error's wire code: argument and problem in 12 bits (so that code^2 stays exact in sums).

@@ -215,6 +215,8 @@ void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
   const bool add = config_.activation == SYNCBN_ACTIVATION_ADD_RELU;
   require(err, !add || call.count == 0 || a.z != nullptr, Arg::z);
   require(err, add || a.z == nullptr, Arg::z, Problem::unexpected);
+  require(err, config_.activation != SYNCBN_ACTIVATION_NONE || a.mask == nullptr, Arg::mask,
+          Problem::unexpected);
   call.stream = a.stream;
   backend_->check_call(call);
   require(err, !track || a.running_mean != nullptr, Arg::running_mean);
@@ -235,8 +237,10 @@ void Plan::check_backward(const BackwardArgs& a, Call& call) const {
   require(err, a.save_mean != nullptr, Arg::save_mean);
   require(err, a.save_invstd != nullptr, Arg::save_invstd);
   const bool act = config_.activation != SYNCBN_ACTIVATION_NONE;
-  require(err, !act || call.count == 0 || a.y != nullptr, Arg::y);
+  require(err, !act || call.count == 0 || a.y != nullptr || a.mask != nullptr, Arg::y);
   require(err, act || a.y == nullptr, Arg::y, Problem::unexpected);
+  require(err, act || a.mask == nullptr, Arg::mask, Problem::unexpected);
+  require(err, a.y == nullptr || a.mask == nullptr, Arg::y, Problem::with_mask);
   require(err, config_.activation == SYNCBN_ACTIVATION_ADD_RELU || a.dz == nullptr, Arg::dz,
           Problem::unexpected);
   require(err, call.count == 0 || a.dz == nullptr || a.dz != a.dx, Arg::dz, Problem::aliases);
@@ -303,7 +307,7 @@ void Plan::forward_batch_stats(const ForwardArgs& a, Op op) {
   f.num_batches_tracked = track ? reinterpret_cast<long long*>(a.num_batches_tracked) : nullptr;
   f.op = static_cast<std::uint32_t>(op);
   backend_->finalize_forward(call, f);
-  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y);
+  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y, a.mask);
 }
 
 void Plan::forward_running_stats(const ForwardArgs& a) {
@@ -317,7 +321,7 @@ void Plan::forward_running_stats(const ForwardArgs& a) {
   if (call.err) fail_local(comm_->rank(), call.err);  // no collective here: nobody else waits
   backend_->finalize_running(call, config_.eps, config_.affine != 0, a.weight, a.bias,
                              a.running_mean, a.running_var);
-  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y);
+  if (call.count > 0) backend_->normalize(call, a.x, a.z, a.y, a.mask);
 }
 
 void Plan::forward_training(const ForwardArgs& args) {
@@ -346,7 +350,7 @@ void Plan::backward(const BackwardArgs& a) {
   call.fp = next_fingerprint(Op::backward);
 
   const bool param_grads = config_.affine && (a.dweight != nullptr || a.dbias != nullptr);
-  backend_->reduce_grad(call, comm_->rank(), a.x, a.dy, a.y, a.save_mean,
+  backend_->reduce_grad(call, comm_->rank(), a.x, a.dy, a.y, a.mask, a.save_mean,
                         param_grads && !config_.global_param_grads);
   exchange_and_judge(call, false);
   throw_own_error(call);
@@ -362,7 +366,7 @@ void Plan::backward(const BackwardArgs& a) {
   f.dbias = a.dbias;
   f.op = static_cast<std::uint32_t>(Op::backward);
   backend_->finalize_backward(call, f);
-  if (call.count > 0) backend_->backward_elemt(call, a.x, a.dy, a.y, a.dx, a.dz);
+  if (call.count > 0) backend_->backward_elemt(call, a.x, a.dy, a.y, a.mask, a.dx, a.dz);
 }
 
 void Plan::reject_call(Op op, const ArgError& err, void* stream) {

@@ -40,6 +40,7 @@ struct ForwardArgs {
   void* stream = nullptr;
   const ArgError* rejected = nullptr;  // syncbn_plan_reject_call: this rank's error, nothing else
   const void* z = nullptr;  // SYNCBN_ACTIVATION_ADD_RELU: the residual input
+  void* mask = nullptr;     // with an activation, optional: y > 0, a byte per element
 };
 
 struct BackwardArgs {
@@ -56,6 +57,7 @@ struct BackwardArgs {
   const ArgError* rejected = nullptr;  // as in ForwardArgs
   const void* y = nullptr;  // with an activation: the forward's output (its mask y > 0)
   void* dz = nullptr;       // SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient (may be NULL)
+  const void* mask = nullptr;  // with an activation: the forward's mask, in place of y
 };
 
 // The config's own validity, on this rank (no communication).

@@ -71,14 +71,14 @@ class CpuBackend final : public core::Backend {
   }
 
   void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
-                   const void* save_mean, bool keep_local) override {
+                   const void* mask, const void* save_mean, bool keep_local) override {
     double* const sum_g = buffer_.data() + kGuardSlots;
     double* const sum_gx = sum_g + C_;
     std::fill(sum_g, sum_g + 2 * C_, 0.0);
     if (!call.err && call.count > 0) {
       local_phase(call, [&] {
-        cpu::reduce_grad(call.g, as<T>(x), as<T>(dy), as<T>(y), as<T>(save_mean), sum_g,
-                         sum_gx, workspace_);
+        cpu::reduce_grad(call.g, as<T>(x), as<T>(dy), as<T>(y), as<cpu::MaskByte>(mask),
+                         as<T>(save_mean), sum_g, sum_gx, workspace_);
       });
     }
     put_guards_and_count(call, rank);
@@ -139,16 +139,17 @@ class CpuBackend final : public core::Backend {
     }
   }
 
-  void normalize(const Call& call, const void* x, const void* z, void* y) override {
+  void normalize(const Call& call, const void* x, const void* z, void* y, void* mask) override {
     const auto co = core::affine_arrays<const T>(scratch_.coefficients.data(), C_);
-    cpu::normalize(call.g, as<T>(x), as<T>(z), co.center, co.scale, co.shift, relu_, as<T>(y));
+    cpu::normalize(call.g, as<T>(x), as<T>(z), co.center, co.scale, co.shift, relu_, as<T>(y),
+                   as<cpu::MaskByte>(mask));
   }
 
-  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y, void* dx,
-                      void* dz) override {
+  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y,
+                      const void* mask, void* dx, void* dz) override {
     const auto co = core::backward_arrays<const T>(scratch_.coefficients.data(), C_);
-    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), as<T>(y), co.center, co.a, co.k, co.d,
-                        as<T>(dx), as<T>(dz));
+    cpu::backward_elemt(call.g, as<T>(x), as<T>(dy), as<T>(y), as<cpu::MaskByte>(mask),
+                        co.center, co.a, co.k, co.d, as<T>(dx), as<T>(dz));
   }
 
  private:

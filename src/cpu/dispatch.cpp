@@ -104,25 +104,26 @@ void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, 
 }
 
 template <class T>
-void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                 double* sum_g, double* sum_gx, Workspace& ws) {
-  SYNCBN_DISPATCH(reduce_grad(g, x, dy, y, center, sum_g, sum_gx, ws));
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                 const T* center, double* sum_g, double* sum_gx, Workspace& ws) {
+  SYNCBN_DISPATCH(reduce_grad(g, x, dy, y, mask, center, sum_g, sum_gx, ws));
 }
 
 // The elementwise passes write a whole tensor of g: its memory is prepared first (memory.hpp).
 template <class T>
 void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,
-               const T* shift, bool relu, T* y) {
+               const T* shift, bool relu, T* y, MaskByte* mask) {
   prepare_output(y, tensor_bytes<T>(g));
-  SYNCBN_DISPATCH(normalize(g, x, z, center, scale, shift, relu, y));
+  if (mask != nullptr) prepare_output(mask, tensor_bytes<MaskByte>(g));
+  SYNCBN_DISPATCH(normalize(g, x, z, center, scale, shift, relu, y, mask));
 }
 
 template <class T>
-void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                    const T* a, const T* k, const T* d, T* dx, T* dz) {
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                    const T* center, const T* a, const T* k, const T* d, T* dx, T* dz) {
   prepare_output(dx, tensor_bytes<T>(g));
   if (dz != nullptr) prepare_output(dz, tensor_bytes<T>(g));
-  SYNCBN_DISPATCH(backward_elemt(g, x, dy, y, center, a, k, d, dx, dz));
+  SYNCBN_DISPATCH(backward_elemt(g, x, dy, y, mask, center, a, k, d, dx, dz));
 }
 
 SYNCBN_CPU_INSTANTIATE_KERNELS(float)

@@ -119,25 +119,57 @@ GroupSums<A> place_group_sums(A* room, const double* pu, std::int64_t C,
 }
 
 
-// The relu's backward of one element: dy where y > 0, else 0 (NaN in y: 0), as a bitwise AND
-// with a mask made from the comparison: a select written as `y > 0 ? dy : 0` compiles to a
-// branch inside the reductions' unrolled lane loops (measured 2x slower on AVX-512).
+// The relu's backward of one element: dy where keep is 1, 0 where it is 0 (keep = y > 0, NaN in
+// y: 0; or the forward's mask byte is not 0), as a bitwise AND with a mask made from keep: a select
+// written as `y > 0 ? dy : 0` compiles to a branch inside the reductions' unrolled lane loops
+// (measured 2x slower on AVX-512).
 template <class T>
-inline T relu_gate(T y, T dy) {
+inline T gate(unsigned keep, T dy) {
   using U = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
   U bits;
   std::memcpy(&bits, &dy, sizeof bits);
-  bits &= U(0) - static_cast<U>(y > T(0));
+  bits &= U(0) - static_cast<U>(keep);
   T g;
   std::memcpy(&g, &bits, sizeof g);
   return g;
 }
 
+// Where a backward's relu mask comes from: none (no activation), the forward's output y, or the
+// forward's mask bytes (MaskByte, one per element).
+enum class Gate { none, y, mask };
+template <Gate G>
+using GateTag = std::integral_constant<Gate, G>;
+
+// g of element i: dy[i], gated by y[i] > 0 or by mask[i].
+template <Gate G, class T>
+inline T gated(const T* dy, const T* y, const MaskByte* mask, std::int64_t i) {
+  if constexpr (G == Gate::y) {
+    return gate(static_cast<unsigned>(y[i] > T(0)), dy[i]);
+  } else if constexpr (G == Gate::mask) {
+    return gate(static_cast<unsigned>(mask[i] != MaskByte{0}), dy[i]);
+  } else {
+    return dy[i];
+  }
+}
+
+// Calls body(GateTag<...>{}) for the gate that y and mask give (mask first).
+template <class Body>
+void with_gate(const void* y, const MaskByte* mask, const Body& body) {
+  if (mask != nullptr) {
+    body(GateTag<Gate::mask>{});
+  } else if (y != nullptr) {
+    body(GateTag<Gate::y>{});
+  } else {
+    body(GateTag<Gate::none>{});
+  }
+}
+
 // The two contributions of one element to a reduction, in type A. Returned by value: an address
 // taken inside an "omp simd" loop makes GCC keep the variable in memory, one slot per lane.
-template <class A>
+template <class A, class B = A>
 struct Pair {
-  A u, v;
+  A u;
+  B v;
 };
 
 // Channels-last rows [r_begin, r_end) of C channels, added into the fp64 sums pu[C], pv[C]. Each
@@ -398,14 +430,24 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
 constexpr std::size_t kStreamVector = 64;
 inline void stream_vector(float* p, const float* s) { _mm512_stream_ps(p, _mm512_loadu_ps(s)); }
 inline void stream_vector(double* p, const double* s) { _mm512_stream_pd(p, _mm512_loadu_pd(s)); }
+inline void stream_vector(MaskByte* p, const MaskByte* s) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_loadu_si512(s));
+}
 #elif defined(__AVX__)
 constexpr std::size_t kStreamVector = 32;
 inline void stream_vector(float* p, const float* s) { _mm256_stream_ps(p, _mm256_loadu_ps(s)); }
 inline void stream_vector(double* p, const double* s) { _mm256_stream_pd(p, _mm256_loadu_pd(s)); }
+inline void stream_vector(MaskByte* p, const MaskByte* s) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+}
 #elif defined(__SSE2__)
 constexpr std::size_t kStreamVector = 16;
 inline void stream_vector(float* p, const float* s) { _mm_stream_ps(p, _mm_loadu_ps(s)); }
 inline void stream_vector(double* p, const double* s) { _mm_stream_pd(p, _mm_loadu_pd(s)); }
+inline void stream_vector(MaskByte* p, const MaskByte* s) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
 #else
 constexpr std::size_t kStreamVector = 0;
 #endif
@@ -441,15 +483,17 @@ void stream_out(T* dst, const T* src, std::int64_t n) {
 constexpr std::int64_t kStageBytes = 4096;
 
 // One elementwise traversal for every output pass: op(i, c) returns the output of element i of
-// channel c, a T for y0, or a Pair<T> (u for y0, v for y1). Outputs of at least
+// channel c, a T for y0, or a Pair<T, T1> (u for y0, v for y1). Outputs of at least
 // stream_output_bytes() (both together) are staged and written with non-temporal stores.
-template <class T, class Op>
-void map_elements(const Geometry& g, T* y0, T* y1, const Op& op) {
+template <class T, class T1, class Op>
+void map_elements(const Geometry& g, T* y0, T1* y1, const Op& op) {
   using R = decltype(op(std::int64_t{}, std::int64_t{}));
-  constexpr bool kTwo = std::is_same_v<R, Pair<T>>;
+  constexpr bool kTwo = std::is_same_v<R, Pair<T, T1>>;
   const std::int64_t C = g.channels, count = g.outer * C * g.inner;
-  const bool stream = kStreamVector != 0 &&
-                      tensor_bytes<T>(g) * (kTwo ? 2 : 1) >= stream_output_bytes();
+  const bool stream =
+      kStreamVector != 0 &&
+      static_cast<std::size_t>(count) * (sizeof(T) + (kTwo ? sizeof(T1) : 0)) >=
+          stream_output_bytes();
   const int nt = threads_for(count);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -478,7 +522,7 @@ void map_elements(const Geometry& g, T* y0, T* y1, const Op& op) {
       }
       constexpr std::int64_t S = kStageBytes / static_cast<std::int64_t>(sizeof(T));
       alignas(64) T b0[S];
-      alignas(64) T b1[kTwo ? S : 1];
+      alignas(64) T1 b1[kTwo ? S : 1];
       // Streams the staged elements [i0, i0 + n) out: part of one channel's row (channels-first),
       // or whole rows or part of one (channels-last).
       auto flush = [&](std::int64_t i0, std::int64_t n) {
@@ -571,76 +615,88 @@ void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, 
 }
 
 template <class T>
-void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                 double* sum_g, double* sum_gx, Workspace& ws) {
-  // g = dy, or dy * (y > 0) (the activation's backward, in the same traversal).
-  auto sums = [&](auto masked) {
-    constexpr bool kMasked = decltype(masked)::value;
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                 const T* center, double* sum_g, double* sum_gx, Workspace& ws) {
+  // g = dy, or dy gated by y > 0 or by the mask (the activation's backward, in the same
+  // traversal).
+  with_gate(y, mask, [&](auto gate_tag) {
+    constexpr Gate G = decltype(gate_tag)::value;
+    const void* const third = G == Gate::y      ? static_cast<const void*>(y)
+                              : G == Gate::mask ? static_cast<const void*>(mask)
+                                                : static_cast<const void*>(center);
     reduce_data<T>(
         g,
-        [x, dy, y, center](auto b, std::int64_t i, std::int64_t c) {
+        [x, dy, y, mask, center](auto b, std::int64_t i, std::int64_t c) {
           using B = decltype(b);
-          T gt = dy[i];
-          if constexpr (kMasked) gt = relu_gate(y[i], gt);
-          const B gi = static_cast<B>(gt);
+          const B gi = static_cast<B>(gated<G>(dy, y, mask, i));
           return Pair<B>{gi, gi * (static_cast<B>(x[i]) - static_cast<B>(center[c]))};
         },
-        {x, dy, kMasked ? static_cast<const void*>(y) : center}, kMasked ? 3 : 2, sum_g, sum_gx,
-        ws);
-  };
-  if (y != nullptr) {
-    sums(std::true_type{});
-  } else {
-    sums(std::false_type{});
-  }
+        {x, dy, third}, G == Gate::none ? 2 : 3, sum_g, sum_gx, ws);
+  });
 }
 
 template <class T>
 void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,
-               const T* shift, bool relu, T* y) {
-  // v = (x - center) scale + shift [+ z], then max(v, 0) with relu (NaN stays NaN, as torch.relu).
-  auto pass = [&](auto add, auto rectify) {
+               const T* shift, bool relu, T* y, MaskByte* mask) {
+  // v = (x - center) scale + shift [+ z], then max(v, 0) with relu (NaN stays NaN, as torch.relu),
+  // and mask = v > 0 where asked for.
+  auto pass = [&](auto add, auto rectify, auto masked) {
     constexpr bool kAdd = decltype(add)::value, kRelu = decltype(rectify)::value;
-    map_elements(g, y, static_cast<T*>(nullptr), [=](std::int64_t i, std::int64_t c) {
+    constexpr bool kMask = decltype(masked)::value;
+    map_elements(g, y, mask, [=](std::int64_t i, std::int64_t c) {
       T v = (x[i] - center[c]) * scale[c] + shift[c];
       if constexpr (kAdd) v += z[i];
+      // max(v, 0) > 0 exactly where v > 0 (NaN: neither). Taken from v before the relu: the
+      // comparison of the relu's result stops GCC 12 from vectorizing the loop.
+      const auto keep = static_cast<MaskByte>(v > T(0));
       if constexpr (kRelu) v = v < T(0) ? T(0) : v;
-      return v;
+      if constexpr (kMask) {
+        return Pair<T, MaskByte>{v, keep};
+      } else {
+        (void)keep;
+        return v;
+      }
     });
   };
-  if (z != nullptr) {
-    pass(std::true_type{}, std::true_type{});  // add is always followed by relu
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (z != nullptr && mask != nullptr) {
+    pass(Yes{}, Yes{}, Yes{});  // add is always followed by relu
+  } else if (z != nullptr) {
+    pass(Yes{}, Yes{}, No{});
+  } else if (relu && mask != nullptr) {
+    pass(No{}, Yes{}, Yes{});
   } else if (relu) {
-    pass(std::false_type{}, std::true_type{});
+    pass(No{}, Yes{}, No{});
   } else {
-    pass(std::false_type{}, std::false_type{});
+    pass(No{}, No{}, No{});
   }
 }
 
 template <class T>
-void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                    const T* a, const T* k, const T* d, T* dx, T* dz) {
-  // g = dy, or dy * (y > 0); dx = a g - k (x - center) + d; dz = g.
-  auto pass = [&](auto masked, auto residual) {
-    constexpr bool kMasked = decltype(masked)::value, kResidual = decltype(residual)::value;
-    map_elements(g, dx, dz, [=](std::int64_t i, std::int64_t c) {
-      T gi = dy[i];
-      if constexpr (kMasked) gi = relu_gate(y[i], gi);
-      const T dxi = a[c] * gi - k[c] * (x[i] - center[c]) + d[c];
-      if constexpr (kResidual) {
-        return Pair<T>{dxi, gi};
-      } else {
-        return dxi;
-      }
-    });
-  };
-  if (y != nullptr && dz != nullptr) {
-    pass(std::true_type{}, std::true_type{});
-  } else if (y != nullptr) {
-    pass(std::true_type{}, std::false_type{});
-  } else {
-    pass(std::false_type{}, std::false_type{});
-  }
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                    const T* center, const T* a, const T* k, const T* d, T* dx, T* dz) {
+  // g = dy, or dy gated by y > 0 or by the mask; dx = a g - k (x - center) + d; dz = g.
+  with_gate(y, mask, [&](auto gate_tag) {
+    constexpr Gate G = decltype(gate_tag)::value;
+    auto pass = [&](auto residual) {
+      constexpr bool kResidual = decltype(residual)::value;
+      map_elements(g, dx, dz, [=](std::int64_t i, std::int64_t c) {
+        const T gi = gated<G>(dy, y, mask, i);
+        const T dxi = a[c] * gi - k[c] * (x[i] - center[c]) + d[c];
+        if constexpr (kResidual) {
+          return Pair<T>{dxi, gi};
+        } else {
+          return dxi;
+        }
+      });
+    };
+    if (G != Gate::none && dz != nullptr) {
+      pass(std::true_type{});
+    } else {
+      pass(std::false_type{});
+    }
+  });
 }
 
 SYNCBN_CPU_INSTANTIATE_KERNELS(float)

@@ -14,6 +14,12 @@ namespace syncbn::cpu {
 
 using core::Geometry;
 
+// A fused forward's relu mask: one byte per element of the tensor, in its memory order, 1 where
+// the output y > 0 and 0 elsewhere (syncbn_forward_args_t.mask). An enumeration, not unsigned
+// char: a store through a character type may alias any object, so GCC reloads the op's captured
+// pointers after each one and leaves the loop scalar (measured 2-2.7x the forward time).
+enum class MaskByte : std::uint8_t {};
+
 // Scratch for per-thread partial sums; owned by a plan. A reduction grows it only if the
 // OpenMP thread count grew since reserve_workspace (and may then throw std::bad_alloc).
 struct Workspace {
@@ -44,25 +50,28 @@ double* group_room(Workspace& ws, std::size_t n, double* /* tag */);
   void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum,              \
                       double* sumsq, Workspace& ws);                                           \
   template <class T>                                                                           \
-  void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,    \
-                   double* sum_g, double* sum_gx, Workspace& ws);                              \
+  void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y,                     \
+                   const MaskByte* mask, const T* center, double* sum_g, double* sum_gx,       \
+                   Workspace& ws);                                                             \
   template <class T>                                                                           \
   void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,   \
-                 const T* shift, bool relu, T* y);                                             \
+                 const T* shift, bool relu, T* y, MaskByte* mask);                             \
   template <class T>                                                                           \
-  void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,  \
-                      const T* a, const T* k, const T* d, T* dx, T* dz);
+  void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y,                  \
+                      const MaskByte* mask, const T* center, const T* a, const T* k,           \
+                      const T* d, T* dx, T* dz);
 
 // Explicit instantiations of the four kernels for data type T.
 #define SYNCBN_CPU_INSTANTIATE_KERNELS(T)                                                      \
   template void reduce_moments<T>(const Geometry&, const T*, const T*, double*, double*,       \
                                   Workspace&);                                                 \
-  template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, const T*,        \
-                               double*, double*, Workspace&);                                  \
+  template void reduce_grad<T>(const Geometry&, const T*, const T*, const T*, const MaskByte*,  \
+                               const T*, double*, double*, Workspace&);                        \
   template void normalize<T>(const Geometry&, const T*, const T*, const T*, const T*,          \
-                             const T*, bool, T*);                                              \
-  template void backward_elemt<T>(const Geometry&, const T*, const T*, const T*, const T*,     \
-                                  const T*, const T*, const T*, T*, T*);
+                             const T*, bool, T*, MaskByte*);                                   \
+  template void backward_elemt<T>(const Geometry&, const T*, const T*, const T*,               \
+                                  const MaskByte*, const T*, const T*, const T*, const T*, T*, \
+                                  T*);
 
 namespace generic { SYNCBN_CPU_KERNEL_DECLARATIONS }
 namespace x86_64_v3 { SYNCBN_CPU_KERNEL_DECLARATIONS }
@@ -87,25 +96,28 @@ template <class T>
 void reduce_moments(const Geometry& g, const T* x, const T* shift, double* sum, double* sumsq,
                     Workspace& ws);
 
-// sum_g[c] = sum g, sum_gx[c] = sum g * (x - center[c]), with g = dy, or dy * (y > 0) where y
-// (the fused forward's output) is not NULL; accumulated in fp64 as in reduce_moments (inner
-// size 1: 16-row groups in the data type first, fp64 where they overflow).
+// sum_g[c] = sum g, sum_gx[c] = sum g * (x - center[c]), with g = dy, or dy masked: by mask[i]
+// where mask (the fused forward's) is not NULL, else by y > 0 where y (its output) is not NULL;
+// accumulated in fp64 as in reduce_moments (inner size 1: 16-row groups in the data type first,
+// fp64 where they overflow).
 template <class T>
-void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                 double* sum_g, double* sum_gx, Workspace& ws);
+void reduce_grad(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                 const T* center, double* sum_g, double* sum_gx, Workspace& ws);
 
 // y = (x - center[c]) * scale[c] + shift[c]; with z (not NULL) y = max(that + z, 0), else with
-// relu y = max(that, 0) (NaN stays NaN, as torch.relu). y may equal x or z. Large outputs are
-// advised as huge pages first (memory.hpp), as in backward_elemt.
+// relu y = max(that, 0) (NaN stays NaN, as torch.relu). y may equal x or z. With relu or z, mask
+// (not NULL) gets y > 0 (MaskByte). Large outputs are advised as huge pages first (memory.hpp),
+// as in backward_elemt.
 template <class T>
 void normalize(const Geometry& g, const T* x, const T* z, const T* center, const T* scale,
-               const T* shift, bool relu, T* y);
+               const T* shift, bool relu, T* y, MaskByte* mask);
 
-// With g = dy, or dy * (y > 0) where y is not NULL: dx = a[c] * g - k[c] * (x - center[c]) +
-// d[c], and dz = g where dz is not NULL (needs y). dx may equal dy or x; dz may equal dy.
+// With g = dy, or dy masked as in reduce_grad (by mask, else by y > 0): dx = a[c] * g -
+// k[c] * (x - center[c]) + d[c], and dz = g where dz is not NULL (needs y or mask). dx may equal
+// dy or x; dz may equal dy.
 template <class T>
-void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const T* center,
-                    const T* a, const T* k, const T* d, T* dx, T* dz);
+void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, const MaskByte* mask,
+                    const T* center, const T* a, const T* k, const T* d, T* dx, T* dz);
 
 }  // namespace syncbn::cpu
 

@@ -220,11 +220,11 @@ class CudaBackend final : public core::Backend {
   }
 
   void reduce_grad(Call& call, int rank, const void* x, const void* dy, const void* y,
-                   const void* save_mean, bool keep_local) override {
+                   const void* mask, const void* save_mean, bool keep_local) override {
     DeviceSwitch on(device_);
     GuardWrite gw = guard_write(rank, call, nullptr);
     reduce_or_guards(call, rank, gw, keep_local, [&] {
-      cuda::reduce_grad(st_, call.g, x, dy, y, save_mean, keep_local, gw, call.stream);
+      cuda::reduce_grad(st_, call.g, x, dy, y, mask, save_mean, keep_local, gw, call.stream);
     });
   }
 
@@ -279,15 +279,15 @@ class CudaBackend final : public core::Backend {
     cuda::finalize_backward(st_, f, call.stream);
   }
 
-  void normalize(const Call& call, const void* x, const void* z, void* y) override {
+  void normalize(const Call& call, const void* x, const void* z, void* y, void* mask) override {
     DeviceSwitch on(device_);
-    cuda::normalize(st_, call.g, x, z, y, call.stream);
+    cuda::normalize(st_, call.g, x, z, y, mask, call.stream);
   }
 
-  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y, void* dx,
-                      void* dz) override {
+  void backward_elemt(const Call& call, const void* x, const void* dy, const void* y,
+                      const void* mask, void* dx, void* dz) override {
     DeviceSwitch on(device_);
-    cuda::backward_elemt(st_, call.g, x, dy, y, dx, dz, call.stream);
+    cuda::backward_elemt(st_, call.g, x, dy, y, mask, dx, dz, call.stream);
   }
 
   syncbn_status_t async_error(comm::Communicator& comm, std::uint64_t plan_tag,

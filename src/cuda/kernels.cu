@@ -294,9 +294,18 @@ __device__ __forceinline__ void load_pair(const T* x, const T* dy, std::int64_t 
 }
 
 // The relu's backward on a vector of gradients: elements whose forward output y (at element i)
-// is not > 0 get 0 (relu'(0) = 0, as PyTorch's threshold_backward; NaN in y gives 0).
+// is not > 0 get 0 (relu'(0) = 0, as PyTorch's threshold_backward; NaN in y gives 0); with the
+// forward's mask bytes (not NULL: read instead of y), elements whose byte is 0.
 template <class T, int V>
-__device__ __forceinline__ void mask_by(const T* y, std::int64_t i, Pack<T, V>& gv) {
+__device__ __forceinline__ void mask_by(const T* y, const std::uint8_t* mask, std::int64_t i,
+                                        Pack<T, V>& gv) {
+  if (mask != nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (mask[i + k] == 0) gv.v[k] = from_acc<T>(Acc<T>(0));
+    }
+    return;
+  }
   const Pack<T, V> yv = load<T, V>(y + i);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -307,7 +316,8 @@ __device__ __forceinline__ void mask_by(const T* y, std::int64_t i, Pack<T, V>& 
 template <class T, int V, bool GRAD, bool MASK>
 __global__ void __launch_bounds__(kThreads)
 reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ dy,
-                 const T* __restrict__ y, const Acc<T>* __restrict__ center, std::int64_t N, std::int64_t S,
+                 const T* __restrict__ y, const std::uint8_t* __restrict__ mask,
+                 const Acc<T>* __restrict__ center, std::int64_t N, std::int64_t S,
                  std::int64_t seg, GuardWrite gw, bool keep_local) {
   const std::int64_t C = st.channels;
   const std::int64_t c = blockIdx.x;
@@ -322,7 +332,7 @@ reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
          s += static_cast<std::int64_t>(blockDim.x) * V) {
       Pack<T, V> xv, gv;
       load_pair<T, V, GRAD>(x, dy, base + s, xv, gv);
-      if constexpr (MASK) mask_by<T, V>(y, base + s, gv);
+      if constexpr (MASK) mask_by<T, V>(y, mask, base + s, gv);
       Acc<T> ps = 0, pq = 0;
 #pragma unroll
       for (int k = 0; k < V; ++k) accumulate<T, GRAD>(xv.v[k], gv.v[k], K, ps, pq);
@@ -345,7 +355,8 @@ reduce_cf_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
 template <class T, int V, bool GRAD, bool MASK>
 __global__ void __launch_bounds__(kThreads)
 reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ dy,
-                 const T* __restrict__ y, const Acc<T>* __restrict__ center, std::int64_t R, GuardWrite gw,
+                 const T* __restrict__ y, const std::uint8_t* __restrict__ mask,
+                 const Acc<T>* __restrict__ center, std::int64_t R, GuardWrite gw,
                  bool keep_local) {
   constexpr int kRowsPerFlush = 4;  // rows summed in Acc<T> before the fp64 accumulators
   __shared__ double shared[kThreads * 2 * V];
@@ -371,7 +382,7 @@ reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
         if (r < R) {
           Pack<T, V> xv, gv;
           load_pair<T, V, GRAD>(x, dy, r * C + c0, xv, gv);
-          if constexpr (MASK) mask_by<T, V>(y, r * C + c0, gv);
+          if constexpr (MASK) mask_by<T, V>(y, mask, r * C + c0, gv);
 #pragma unroll
           for (int k = 0; k < V; ++k) accumulate<T, GRAD>(xv.v[k], gv.v[k], K[k], ps[k], pq[k]);
         }
@@ -419,7 +430,8 @@ reduce_cl_kernel(DeviceState st, const T* __restrict__ x, const T* __restrict__ 
 
 template <class T, bool GRAD, bool MASK = false>
 void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy, const T* y,
-            const Acc<T>* center, bool keep_local, const GuardWrite& gw, cudaStream_t stream) {
+            const std::uint8_t* mask, const Acc<T>* center, bool keep_local, const GuardWrite& gw,
+            cudaStream_t stream) {
   const std::int64_t max_splits = st.partial_capacity / g.channels;
   const bool vec = vectorizable<T>(g, {x, dy, y});
   // The merge counters from 0 in stream order (capturable): a residue that overlapping calls
@@ -430,16 +442,16 @@ void reduce(const DeviceState& st, const Geometry& g, const T* x, const T* dy, c
   if (channels_last(g)) {
     const ClShape sh = cl_shape(g, vec ? kVec<T> : 1, st.multiprocessors, max_splits);
     if (vec) {
-      reduce_cl_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, center, g.outer, gw, keep_local);
+      reduce_cl_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, mask, center, g.outer, gw, keep_local);
     } else {
-      reduce_cl_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, center, g.outer, gw, keep_local);
+      reduce_cl_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.block, 0, stream>>>(st, x, dy, y, mask, center, g.outer, gw, keep_local);
     }
   } else {
     const CfShape sh = cf_shape(g, vec ? kVec<T> : 1, st.multiprocessors, max_splits);
     if (vec) {
-      reduce_cf_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, center, g.outer, g.inner, sh.seg, gw, keep_local);
+      reduce_cf_kernel<T, kVec<T>, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, mask, center, g.outer, g.inner, sh.seg, gw, keep_local);
     } else {
-      reduce_cf_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, center, g.outer, g.inner, sh.seg, gw, keep_local);
+      reduce_cf_kernel<T, 1, GRAD, MASK><<<sh.grid, sh.threads, 0, stream>>>(st, x, dy, y, mask, center, g.outer, g.inner, sh.seg, gw, keep_local);
     }
   }
   check_launch(GRAD ? "reduce_grad" : "reduce_moments");
@@ -578,16 +590,22 @@ struct Coefficients {
   }
 };
 
-// The element pass of one vector at element i: forward o = act(...) of x (and z = aux); backward
-// with an activation g = dy masked by y = aux, o = dx of g, and dz = g where out2 is not NULL.
+// The relu mask bytes of an element pass: written by the forward, read by the backward.
+template <bool BACKWARD>
+using MaskPtr = std::conditional_t<BACKWARD, const std::uint8_t*, std::uint8_t*>;
+
+// The element pass of one vector at element i: forward o = act(...) of x (and z = aux), and with
+// an activation mask = o > 0 where mask is not NULL; backward with an activation g = dy masked
+// by the mask bytes (not NULL) or by y = aux, o = dx of g, and dz = g where out2 is not NULL.
 template <class T, int V, bool BACKWARD, int ACT>
 __device__ __forceinline__ void element_pass(const Coefficients<T, BACKWARD>* co, int co_stride,
-                                             const T* x, const T* dy, const T* aux, T* out,
-                                             T* out2, std::int64_t i) {
+                                             const T* x, const T* dy, const T* aux,
+                                             MaskPtr<BACKWARD> mask, T* out, T* out2,
+                                             std::int64_t i) {
   Pack<T, V> xv, gv, o;
   load_pair<T, V, BACKWARD>(x, dy, i, xv, gv);
   if constexpr (BACKWARD && ACT != kNoActivation) {
-    mask_by<T, V>(aux, i, gv);
+    mask_by<T, V>(aux, mask, i, gv);
     if (out2 != nullptr) store<T, V>(out2 + i, gv);
   } else if constexpr (!BACKWARD && ACT == kAddRelu) {
     gv = load<T, V>(aux + i);
@@ -595,12 +613,18 @@ __device__ __forceinline__ void element_pass(const Coefficients<T, BACKWARD>* co
 #pragma unroll
   for (int k = 0; k < V; ++k) o.v[k] = co[k * co_stride].template apply<ACT>(xv.v[k], gv.v[k]);
   store<T, V>(out + i, o);
+  if constexpr (!BACKWARD && ACT != kNoActivation) {
+    if (mask != nullptr) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) mask[i + k] = to_acc(o.v[k]) > Acc<T>(0) ? 1 : 0;
+    }
+  }
 }
 
 template <class T, int V, bool BACKWARD, int ACT>
 __global__ void __launch_bounds__(kThreads)
 elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, const T* aux,
-                      T* out, T* out2, std::int64_t N, std::int64_t C, std::int64_t S,
+                      MaskPtr<BACKWARD> mask, T* out, T* out2, std::int64_t N, std::int64_t C, std::int64_t S,
                       std::int64_t seg) {
   const std::int64_t c = blockIdx.x;
   const auto co = Coefficients<T, BACKWARD>::of(coef, C, c);
@@ -610,7 +634,7 @@ elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, 
     const std::int64_t base = (n * C + c) * S;
     for (std::int64_t s = s0 + static_cast<std::int64_t>(threadIdx.x) * V; s < s1;
          s += static_cast<std::int64_t>(blockDim.x) * V) {
-      element_pass<T, V, BACKWARD, ACT>(&co, 0, x, dy, aux, out, out2, base + s);
+      element_pass<T, V, BACKWARD, ACT>(&co, 0, x, dy, aux, mask, out, out2, base + s);
     }
   }
 }
@@ -618,7 +642,7 @@ elementwise_cf_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, 
 template <class T, int V, bool BACKWARD, int ACT>
 __global__ void __launch_bounds__(kThreads)
 elementwise_cl_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, const T* aux,
-                      T* out, T* out2, std::int64_t R, std::int64_t C) {
+                      MaskPtr<BACKWARD> mask, T* out, T* out2, std::int64_t R, std::int64_t C) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= C) return;
   Coefficients<T, BACKWARD> co[V];
@@ -626,48 +650,49 @@ elementwise_cl_kernel(const Acc<T>* __restrict__ coef, const T* x, const T* dy, 
   for (int k = 0; k < V; ++k) co[k] = Coefficients<T, BACKWARD>::of(coef, C, c0 + k);
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < R;
        r += static_cast<std::int64_t>(gridDim.y) * blockDim.y) {
-    element_pass<T, V, BACKWARD, ACT>(co, 1, x, dy, aux, out, out2, r * C + c0);
+    element_pass<T, V, BACKWARD, ACT>(co, 1, x, dy, aux, mask, out, out2, r * C + c0);
   }
 }
 
 template <class T, bool BACKWARD, int ACT>
 void elementwise_act(const DeviceState& st, const Geometry& g, const T* x, const T* dy,
-                     const T* aux, T* out, T* out2, cudaStream_t stream) {
+                     const T* aux, MaskPtr<BACKWARD> mask, T* out, T* out2, cudaStream_t stream) {
   const auto* coef = static_cast<const Acc<T>*>(st.coefficients);
   const bool vec = vectorizable<T>(g, {x, dy, aux, out, out2});
   constexpr std::int64_t kNoLimit = std::numeric_limits<std::int32_t>::max();
   if (channels_last(g)) {
     const ClShape sh = cl_shape(g, vec ? kVec<T> : 1, st.multiprocessors, kNoLimit);
     if (vec) {
-      elementwise_cl_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels);
+      elementwise_cl_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, mask, out, out2, g.outer, g.channels);
     } else {
-      elementwise_cl_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels);
+      elementwise_cl_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.block, 0, stream>>>(coef, x, dy, aux, mask, out, out2, g.outer, g.channels);
     }
   } else {
     const CfShape sh = cf_shape(g, vec ? kVec<T> : 1, st.multiprocessors, kNoLimit);
     if (vec) {
-      elementwise_cf_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels, g.inner, sh.seg);
+      elementwise_cf_kernel<T, kVec<T>, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, mask, out, out2, g.outer, g.channels, g.inner, sh.seg);
     } else {
-      elementwise_cf_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, out, out2, g.outer, g.channels, g.inner, sh.seg);
+      elementwise_cf_kernel<T, 1, BACKWARD, ACT><<<sh.grid, sh.threads, 0, stream>>>(coef, x, dy, aux, mask, out, out2, g.outer, g.channels, g.inner, sh.seg);
     }
   }
   check_launch(BACKWARD ? "backward_elemt" : "normalize");
 }
 
-// The pass of the plan's activation: forward aux = z (ADD_RELU) or NULL; backward aux = y (the
-// mask, with an activation) and out2 = dz (may be NULL).
+// The pass of the plan's activation: forward aux = z (ADD_RELU) or NULL, and mask written where
+// not NULL; backward aux = y or the mask bytes (with an activation: one of them) and out2 = dz
+// (may be NULL).
 template <class T, bool BACKWARD>
 void elementwise(const DeviceState& st, const Geometry& g, const T* x, const T* dy, const T* aux,
-                 T* out, T* out2, cudaStream_t stream) {
+                 MaskPtr<BACKWARD> mask, T* out, T* out2, cudaStream_t stream) {
   switch (st.activation) {
     case SYNCBN_ACTIVATION_RELU:
-      elementwise_act<T, BACKWARD, kRelu>(st, g, x, dy, aux, out, out2, stream);
+      elementwise_act<T, BACKWARD, kRelu>(st, g, x, dy, aux, mask, out, out2, stream);
       return;
     case SYNCBN_ACTIVATION_ADD_RELU:
-      elementwise_act<T, BACKWARD, kAddRelu>(st, g, x, dy, aux, out, out2, stream);
+      elementwise_act<T, BACKWARD, kAddRelu>(st, g, x, dy, aux, mask, out, out2, stream);
       return;
     default:
-      elementwise_act<T, BACKWARD, kNoActivation>(st, g, x, dy, aux, out, out2, stream);
+      elementwise_act<T, BACKWARD, kNoActivation>(st, g, x, dy, aux, mask, out, out2, stream);
       return;
   }
 }
@@ -682,23 +707,24 @@ void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, con
                     const GuardWrite& gw, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    reduce<T, false>(st, g, static_cast<const T*>(x), nullptr, nullptr,
+    reduce<T, false>(st, g, static_cast<const T*>(x), nullptr, nullptr, nullptr,
                      static_cast<const Acc<T>*>(shift), false, gw, as_stream(stream));
   });
 }
 
 void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                 const void* y, const void* save_mean, bool keep_local, const GuardWrite& gw,
-                 void* stream) {
+                 const void* y, const void* mask, const void* save_mean, bool keep_local,
+                 const GuardWrite& gw, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* center = static_cast<const Acc<T>*>(save_mean);
-    if (y != nullptr) {
+    if (y != nullptr || mask != nullptr) {
       reduce<T, true, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy),
-                            static_cast<const T*>(y), center, keep_local, gw, as_stream(stream));
+                            static_cast<const T*>(y), static_cast<const std::uint8_t*>(mask),
+                            center, keep_local, gw, as_stream(stream));
     } else {
-      reduce<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy), nullptr, center,
-                      keep_local, gw, as_stream(stream));
+      reduce<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy), nullptr, nullptr,
+                      center, keep_local, gw, as_stream(stream));
     }
   });
 }
@@ -759,21 +785,22 @@ void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, v
 }
 
 void normalize(const DeviceState& st, const Geometry& g, const void* x, const void* z, void* y,
-               void* stream) {
+               void* mask, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     elementwise<T, false>(st, g, static_cast<const T*>(x), nullptr, static_cast<const T*>(z),
-                          static_cast<T*>(y), nullptr, as_stream(stream));
+                          static_cast<std::uint8_t*>(mask), static_cast<T*>(y), nullptr,
+                          as_stream(stream));
   });
 }
 
 void backward_elemt(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                    const void* y, void* dx, void* dz, void* stream) {
+                    const void* y, const void* mask, void* dx, void* dz, void* stream) {
   dispatch(st.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     elementwise<T, true>(st, g, static_cast<const T*>(x), static_cast<const T*>(dy),
-                         static_cast<const T*>(y), static_cast<T*>(dx), static_cast<T*>(dz),
-                         as_stream(stream));
+                         static_cast<const T*>(y), static_cast<const std::uint8_t*>(mask),
+                         static_cast<T*>(dx), static_cast<T*>(dz), as_stream(stream));
   });
 }
 

@@ -81,8 +81,8 @@ void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, con
 // Local sum g and sum g (x - save_mean) into the buffer, and into st.local when keep_local; g = dy,
 // or dy * (y > 0) where y (the fused forward's output) is not NULL.
 void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                 const void* y, const void* save_mean, bool keep_local, const GuardWrite& gw,
-                 void* stream);
+                 const void* y, const void* mask, const void* save_mean, bool keep_local,
+                 const GuardWrite& gw, void* stream);
 
 // The buffer of a rank with nothing to add (an empty batch, or arguments it rejected): zeros
 // and the guards.
@@ -109,14 +109,16 @@ void finalize_running(const DeviceState& st, double eps, bool affine, const void
 void finalize_backward(const DeviceState& st, const core::BackwardFinalize& f, void* stream);
 
 // The normalize pass: y = act((x - center) * scale + shift [+ z]) with the coefficients of
-// finalize_forward/_running and st.activation (z: ADD_RELU's residual, else NULL).
+// finalize_forward/_running and st.activation (z: ADD_RELU's residual, else NULL); with an
+// activation, mask (bytes, not NULL) = y > 0.
 void normalize(const DeviceState& st, const Geometry& g, const void* x, const void* z, void* y,
-               void* stream);
+               void* mask, void* stream);
 
 // dx = a g - k (x - center) + d with the coefficients of finalize_backward, g = dy, or with
-// st.activation dy * (y > 0), and dz = g where dz is not NULL.
+// st.activation dy masked by the mask bytes (not NULL) or by y > 0, and dz = g where dz is not
+// NULL.
 void backward_elemt(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
-                    const void* y, void* dx, void* dz, void* stream);
+                    const void* y, const void* mask, void* dx, void* dz, void* stream);
 
 }  // namespace syncbn::cuda
 

@@ -33,7 +33,11 @@ template <class T>
 struct Tensors {
   std::vector<T> y, save_mean, save_invstd, dx, dz, dweight, dbias;
   LayerState<T> st;
+  std::vector<uint8_t> mask;  // with_mask: the forward's relu mask (else empty)
 };
+
+// How backward gets its relu mask: from y, or from the mask the forward wrote (y NULL).
+enum class MaskFrom { y, mask };
 
 template <class T>
 class Fused {
@@ -50,16 +54,20 @@ class Fused {
   }
 
   // forward_training then backward on a fresh plan of activation act; z and y_in (the y given to
-  // backward) as the caller chooses (NULL: the plan's own forward output for y_in).
+  // backward) as the caller chooses (NULL: the plan's own forward output for y_in). With
+  // MaskFrom::mask the forward writes its mask (into bytes set to 0xA5 first) and backward
+  // reads it, with y NULL.
   Tensors<T> run(syncbn_activation_t act, const T* z, const std::vector<T>& dy,
-                 const T* y_for_backward = nullptr) {
+                 const T* y_for_backward = nullptr, MaskFrom from = MaskFrom::y) {
     syncbn_config_t cfg = cfg_;
     cfg.activation = act;
     syncbn::BatchNorm bn(syncbn::Communicator::self(), cfg);
     const size_t n = x_.size(), C = static_cast<size_t>(C_);
     Tensors<T> t{std::vector<T>(n, T(-7)), std::vector<T>(C), std::vector<T>(C),
                  std::vector<T>(n, T(-7)), std::vector<T>(n, T(-7)), std::vector<T>(C),
-                 std::vector<T>(C), init_};
+                 std::vector<T>(C), init_, {}};
+    const bool with_mask = from == MaskFrom::mask;
+    if (with_mask) t.mask.assign(n, uint8_t{0xA5});
     const auto shape = g_.shape();
     syncbn_forward_args_t fa{};
     fa.ndim = g_.ndim();
@@ -74,13 +82,16 @@ class Fused {
     fa.running_mean = t.st.running_mean.data();
     fa.running_var = t.st.running_var.data();
     fa.num_batches_tracked = &t.st.num_batches_tracked;
+    fa.mask = with_mask ? t.mask.data() : nullptr;
     bn.forward_training(fa);
     syncbn_backward_args_t ba{};
     ba.ndim = g_.ndim();
     ba.shape = shape.data();
     ba.x = x_.data();
-    ba.y = act == SYNCBN_ACTIVATION_NONE ? nullptr
-                                         : (y_for_backward ? y_for_backward : t.y.data());
+    ba.y = act == SYNCBN_ACTIVATION_NONE || with_mask
+               ? nullptr
+               : (y_for_backward ? y_for_backward : t.y.data());
+    ba.mask = with_mask ? t.mask.data() : nullptr;
     ba.dy = dy.data();
     ba.weight = t.st.weight.data();
     ba.save_mean = t.save_mean.data();
@@ -182,7 +193,52 @@ class FusedCpu : public ::testing::TestWithParam<FusedParam> {
       EXPECT_EQ(fused.dbias[c], T(0));
     }
   }
+
+  // The forward's mask is y > 0 byte for byte (1 or 0), y and the statistics are as without
+  // it, and a backward from the mask equals the one from y bitwise.
+  template <class T>
+  void mask(syncbn_activation_t act, bool exactly_zero) {
+    Fused<T> f(std::get<1>(GetParam()), std::get<2>(GetParam()), act, 4);
+    std::vector<T> z;
+    if (act == SYNCBN_ACTIVATION_ADD_RELU) {
+      z = random_batch<T>(f.geometry(), f.rng());
+      if (exactly_zero) {  // half the outputs exactly 0: z = -bn(x) at even elements
+        const Tensors<T> plain = f.run(SYNCBN_ACTIVATION_NONE, nullptr, f.dy());
+        for (size_t i = 0; i < z.size(); i += 2) z[i] = -plain.y[i];
+      }
+    }
+    const T* zp = z.empty() ? nullptr : z.data();
+    const Tensors<T> from_y = f.run(act, zp, f.dy());
+    const Tensors<T> from_mask = f.run(act, zp, f.dy(), nullptr, MaskFrom::mask);
+    EXPECT_TRUE(bitwise_equal("y", from_mask.y, from_y.y));
+    EXPECT_TRUE(bitwise_equal("save_mean", from_mask.save_mean, from_y.save_mean));
+    EXPECT_TRUE(bitwise_equal("running_var", from_mask.st.running_var, from_y.st.running_var));
+    size_t ones = 0;
+    for (size_t i = 0; i < from_y.y.size(); ++i) {
+      ASSERT_EQ(from_mask.mask[i], from_y.y[i] > T(0) ? 1 : 0) << "mask[" << i << "]";
+      ones += from_mask.mask[i];
+    }
+    EXPECT_GT(ones, 0u);
+    EXPECT_LT(ones, from_y.y.size());
+    EXPECT_TRUE(bitwise_equal("dx", from_mask.dx, from_y.dx));
+    if (act == SYNCBN_ACTIVATION_ADD_RELU) {
+      EXPECT_TRUE(bitwise_equal("dz", from_mask.dz, from_y.dz));
+    }
+    EXPECT_TRUE(bitwise_equal("dweight", from_mask.dweight, from_y.dweight));
+    EXPECT_TRUE(bitwise_equal("dbias", from_mask.dbias, from_y.dbias));
+  }
+
+  template <class T>
+  void masks() {
+    mask<T>(SYNCBN_ACTIVATION_RELU, false);
+    mask<T>(SYNCBN_ACTIVATION_ADD_RELU, false);
+    mask<T>(SYNCBN_ACTIVATION_ADD_RELU, true);
+  }
 };
+
+TEST_P(FusedCpu, MaskIsYAboveZeroAndBackwardFromItEqualsBackwardFromY) {
+  if (std::get<0>(GetParam()) == SYNCBN_FLOAT32) masks<float>(); else masks<double>();
+}
 
 TEST_P(FusedCpu, ReluIsBatchNormThenRelu) {
   if (std::get<0>(GetParam()) == SYNCBN_FLOAT32) relu<float>(); else relu<double>();
@@ -275,6 +331,14 @@ const ArgCase kArgCases[] = {
      [](FA&, BA& b) { b.dz = b.dx; }, "rank 0: dz must be NULL"},
     {"dz_is_dx", SYNCBN_ACTIVATION_ADD_RELU, true,
      [](FA&, BA& b) { b.dz = b.dx; }, "rank 0: dz must not be the same memory as dx"},
+    {"mask_without_activation", SYNCBN_ACTIVATION_NONE, false,
+     [](FA& f, BA&) { f.mask = f.y; }, "rank 0: mask must be NULL"},
+    {"backward_mask_without_activation", SYNCBN_ACTIVATION_NONE, true,
+     [](FA&, BA& b) { b.mask = b.x; }, "rank 0: mask must be NULL"},
+    {"backward_y_and_mask", SYNCBN_ACTIVATION_RELU, true,
+     [](FA&, BA& b) { b.mask = b.x; }, "rank 0: y must be NULL when mask is given"},
+    {"backward_neither_y_nor_mask", SYNCBN_ACTIVATION_ADD_RELU, true,
+     [](FA&, BA& b) { b.y = nullptr; }, "rank 0: y is null"},
 };
 
 INSTANTIATE_TEST_SUITE_P(All, FusedArgs, ::testing::ValuesIn(kArgCases),
@@ -291,6 +355,20 @@ TEST(FusedArgsNull, NullArgsStructFailsNamingIt) {
   EXPECT_EQ(syncbn_forward_inference_ex(bn.get(), nullptr), SYNCBN_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(syncbn_backward_ex(bn.get(), nullptr), SYNCBN_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(syncbn_last_error()).find("args is null"), std::string::npos);
+}
+
+// A binding that finds the mask wrong (a tensor on another device, say) names it.
+TEST(FusedArgsNull, RejectCallNamesTheMask) {
+  syncbn_config_t cfg = make_cfg(3, SYNCBN_FLOAT32, SYNCBN_CHANNELS_FIRST, true, true, 0.1);
+  cfg.activation = SYNCBN_ACTIVATION_RELU;
+  syncbn::BatchNorm bn(syncbn::Communicator::self(), cfg);
+  EXPECT_EQ(syncbn_plan_reject_call(bn.get(), SYNCBN_CALL_BACKWARD, "mask", SYNCBN_PROBLEM_DEVICE,
+                                    nullptr, nullptr),
+            SYNCBN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(syncbn_last_error())
+                .find("rank 0: mask is not in the memory of the plan's device"),
+            std::string::npos)
+      << syncbn_last_error();
 }
 
 TEST(FusedConfig, ActivationOutsideTheEnumerationIsRejected) {

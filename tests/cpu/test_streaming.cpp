@@ -1,7 +1,8 @@
 // Non-temporal stores (src/cpu/memory.hpp, stream_output_bytes): the elementwise passes write
 // outputs of at least SYNCBN_CPU_STREAM_BYTES through an L1 staging buffer and streaming stores.
 // Streamed outputs must equal bitwise those of ordinary stores, for every dtype, layout and
-// activation, outputs at an address that is not a vector boundary, channels-first rows longer
+// activation (and the relu mask the forward writes beside y), outputs at an address that is not
+// a vector boundary, channels-first rows longer
 // than a stage, and channels-last rows shorter and longer than one. The ordinary path is
 // checked against the fp64 reference elsewhere (test_reference.cpp, test_fused.cpp); ctest
 // also runs this whole suite with streaming always on (single.stream*).
@@ -71,6 +72,7 @@ struct Placed {
 template <class T>
 struct Outputs {
   std::vector<T> y, dx, dz;
+  std::vector<uint8_t> mask;  // with an activation
   bool guards = false;
   std::vector<T> save_mean, save_invstd, dweight, dbias;
 };
@@ -84,12 +86,13 @@ Outputs<T> run(const Geometry& g, syncbn_activation_t act, size_t offset, const 
   syncbn::BatchNorm bn(syncbn::Communicator::self(), cfg);
   const auto n = static_cast<size_t>(g.numel()), C = static_cast<size_t>(g.c);
   Placed<T> y(n, offset), dx(n, offset), dz(n, offset);
+  Placed<uint8_t> mask(n, offset);
   std::vector<T> weight(C), bias(C), running_mean(C, T(0)), running_var(C, T(1));
   for (size_t c = 0; c < C; ++c) {
     weight[c] = T(0.5) + T(c % 7) / T(4);
     bias[c] = T(c % 5) / T(3) - T(0.5);
   }
-  Outputs<T> out{{}, {}, {}, false, std::vector<T>(C), std::vector<T>(C), std::vector<T>(C),
+  Outputs<T> out{{}, {}, {}, {}, false, std::vector<T>(C), std::vector<T>(C), std::vector<T>(C),
                  std::vector<T>(C)};
   int64_t num_batches_tracked = 0;
   const auto shape = g.shape();
@@ -106,6 +109,7 @@ Outputs<T> run(const Geometry& g, syncbn_activation_t act, size_t offset, const 
   fa.running_mean = running_mean.data();
   fa.running_var = running_var.data();
   fa.num_batches_tracked = &num_batches_tracked;
+  fa.mask = act == SYNCBN_ACTIVATION_NONE ? nullptr : mask.data();
   bn.forward_training(fa);
   syncbn_backward_args_t ba{};
   ba.ndim = g.ndim();
@@ -124,7 +128,9 @@ Outputs<T> run(const Geometry& g, syncbn_activation_t act, size_t offset, const 
   out.y = y.written(n);
   out.dx = dx.written(n);
   out.dz = dz.written(n);
-  out.guards = y.guards_intact(n) && dx.guards_intact(n) && dz.guards_intact(n);
+  out.mask = mask.written(n);
+  out.guards = y.guards_intact(n) && dx.guards_intact(n) && dz.guards_intact(n) &&
+               (act == SYNCBN_ACTIVATION_NONE ? mask.guards_intact(0) : mask.guards_intact(n));
   return out;
 }
 
@@ -162,9 +168,15 @@ class Streaming : public ::testing::TestWithParam<StreamParam> {
       const std::vector<T> dy = random_batch<T>(g, rng);
       const Outputs<T> plain = run<T>(g, act, static_cast<size_t>(offset), "999999999999999", x, z, dy);
       const Outputs<T> streamed = run<T>(g, act, static_cast<size_t>(offset), "0", x, z, dy);
-      EXPECT_TRUE(plain.guards) << "a write outside y, dx or dz";
-      EXPECT_TRUE(streamed.guards) << "a streamed write outside y, dx or dz";
+      EXPECT_TRUE(plain.guards) << "a write outside y, dx, dz or mask";
+      EXPECT_TRUE(streamed.guards) << "a streamed write outside y, dx, dz or mask";
       EXPECT_EQ(streamed.y, plain.y) << "y";
+      EXPECT_EQ(streamed.mask, plain.mask) << "mask";
+      if (act != SYNCBN_ACTIVATION_NONE) {
+        for (size_t i = 0; i < plain.y.size(); ++i) {
+          ASSERT_EQ(plain.mask[i], plain.y[i] > T(0) ? 1 : 0) << "mask[" << i << "]";
+        }
+      }
       EXPECT_EQ(streamed.dx, plain.dx) << "dx";
       EXPECT_EQ(streamed.dz, plain.dz) << "dz";
       EXPECT_EQ(streamed.save_mean, plain.save_mean);

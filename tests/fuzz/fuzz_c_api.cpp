@@ -910,7 +910,8 @@ struct Harness {
   // y = x), weight, bias, save_mean, save_invstd (training), running_mean, running_var,
   // num_batches_tracked (training; u8 choice, then the value: u8 % 7: 0, 1, u8, -1, INT64_MAX,
   // INT64_MAX - 1, i64), then u8 flags (bit 0: non-NULL stream; bit 1: the named-argument call,
-  // then z as a buffer; bit 2: with args NULL).
+  // then z as a buffer; bit 2: with args NULL; bit 3: with the named call, the relu mask, a
+  // buffer of the data type: at least one byte per element).
   void forward(bool training) {
     Call call = begin_call();
     auto x = wants(in.u8()) ? data_buffer(call) : nullptr;
@@ -940,6 +941,7 @@ struct Harness {
     const bool named = flags & 2;       // the _ex call, with z
     const bool null_args = flags & 4;   // ... and args NULL
     auto z = named && wants(in.u8()) ? data_buffer(call) : nullptr;
+    auto mask = named && (flags & 8) ? data_buffer(call) : nullptr;
     void* const y_ptr = in_place ? ptr(x) : ptr(y);
 
     reset_custom();
@@ -959,6 +961,7 @@ struct Harness {
       a.running_var = ptr(running_var);
       a.num_batches_tracked = have_nbt ? &nbt : nullptr;
       a.stream = stream ? &dummy_stream : nullptr;
+      a.mask = ptr(mask);
       const syncbn_forward_args_t* pa = null_args ? nullptr : &a;
       s = checked(training ? syncbn_forward_training_ex(call.plan, pa)
                            : syncbn_forward_inference_ex(call.plan, pa));
@@ -988,7 +991,7 @@ struct Harness {
       return;
     }
     if (s != SYNCBN_SUCCESS) {
-      FUZZ_CHECK(same(y) && same(save_mean) && same(save_invstd));
+      FUZZ_CHECK(same(y) && same(mask) && same(save_mean) && same(save_invstd));
       FUZZ_CHECK(same(running_mean) && same(running_var));
       FUZZ_CHECK(nbt == nbt_value);
       return;
@@ -1004,7 +1007,8 @@ struct Harness {
 
   // 14: backward. begin_call, then x, dy, weight, save_mean, save_invstd, dx (u8: % 4 == 3:
   // dx = dy), dweight, dbias as for forward, then u8 flags (bit 0: non-NULL stream; bit 1: the
-  // named-argument call, then y and dz as buffers; bit 2: with args NULL).
+  // named-argument call, then y and dz as buffers; bit 2: with args NULL; bit 3: with the named
+  // call, the relu mask, a buffer of the data type: at least one byte per element).
   void backward() {
     Call call = begin_call();
     auto x = wants(in.u8()) ? data_buffer(call) : nullptr;
@@ -1023,6 +1027,7 @@ struct Harness {
     const bool null_args = flags & 4;  // ... and args NULL
     auto y = named && wants(in.u8()) ? data_buffer(call) : nullptr;
     auto dz = named && wants(in.u8()) ? data_buffer(call) : nullptr;
+    auto mask = named && (flags & 8) ? data_buffer(call) : nullptr;
 
     reset_custom();
     syncbn_status_t s;
@@ -1038,6 +1043,7 @@ struct Harness {
       a.save_invstd = ptr(save_invstd);
       a.dx = in_place ? ptr(dy) : ptr(dx);
       a.dz = ptr(dz);
+      a.mask = ptr(mask);
       a.dweight = ptr(dweight);
       a.dbias = ptr(dbias);
       a.stream = stream ? &dummy_stream : nullptr;
@@ -1052,7 +1058,8 @@ struct Harness {
     common_status(call, s, stream && !(named && null_args), true);
 
     auto same = [](const std::unique_ptr<Buffer>& b) { return !b || b->unchanged(); };
-    FUZZ_CHECK(same(x) && same(weight) && same(save_mean) && same(save_invstd) && same(y));
+    FUZZ_CHECK(same(x) && same(weight) && same(save_mean) && same(save_invstd) && same(y) &&
+               same(mask));
     if (!in_place || s != SYNCBN_SUCCESS) FUZZ_CHECK(same(dy));
     if (s != SYNCBN_SUCCESS) {
       FUZZ_CHECK(same(dx) && same(dweight) && same(dbias) && same(dz));

@@ -38,7 +38,8 @@
 // z the residual input, forward(x, z)) are SyncBatchNorm with the activation fused into the
 // library's passes (syncbn_activation_t, the _ex calls of syncbn.h): the same options,
 // parameters, buffers, state-dict names, statistics and collectives; the ReLU's backward (the
-// mask y > 0 of the saved output, relu'(0) = 0 as torch's) runs inside syncbn's backward, and
+// mask y > 0 that the forward writes beside y, a kBool per element saved instead of y,
+// relu'(0) = 0 as torch's) runs inside syncbn's backward, and
 // z gets its gradient. They are modules of their own, not an option of SyncBatchNorm, because
 // libtorch's torch::nn::Sequential and AnyModule need one forward() per module, not overloads:
 // SyncBatchNorm and SyncBatchNormReLU keep forward(x) and go into a Sequential as
@@ -171,7 +172,7 @@ TORCH_MODULE(SyncBatchNorm);
 
 // relu(SyncBatchNorm(x)), the ReLU fused (SYNCBN_ACTIVATION_RELU): forward(input) as
 // SyncBatchNorm's, returning relu(bn(input)); the backward gates the output gradient with the
-// saved output's mask y > 0. Evaluation applies the ReLU too.
+// forward's mask y > 0. Evaluation applies the ReLU too.
 class SyncBatchNormReLUImpl : public SyncBatchNormImpl {
  public:
   // COLLECTIVE over comm, as SyncBatchNorm's.
