@@ -35,6 +35,8 @@
 //             that oneDNN 2.6's primitives give for this layer.
 //   local     the fused plan on syncbn_comm_create_self (no exchange), forward + backward only:
 //             the like-for-like comparison with oneDNN, which does not synchronize either.
+//   from y    the fused plan without the mask, its backward reading y instead (the calls before
+//             0.5), forward + backward only: the column mask/y is fused f+b over it.
 // Timing: every op (fwd, bwd and fwd+bwd of fused, separate and oneDNN; fwd+bwd of local) runs
 // once per round, each after an MPI_Barrier, in a random order per round (the same on every
 // rank), -w untimed rounds then -n timed ones (bench/driver/bench_mpi.hpp's time_interleaved);
@@ -403,7 +405,7 @@ struct Row {
   int64_t tensor_bytes = 0;
   // seconds: fwd, bwd, fwd+bwd per mode (local: fwd+bwd only)
   double fused[3] = {kNaN, kNaN, kNaN}, sep[3] = {kNaN, kNaN, kNaN},
-         onednn[3] = {kNaN, kNaN, kNaN}, local_fb = kNaN;
+         onednn[3] = {kNaN, kNaN, kNaN}, local_fb = kNaN, from_y_fb = kNaN;
   double bytes_fused[3] = {}, bytes_sep[3] = {}, bytes_onednn[3] = {};  // bytes moved, the same
   // checks: fused vs separate (max over every compared tensor) and oneDNN vs local
   double bit_diff = kNaN;
@@ -418,6 +420,7 @@ struct Row {
   double ratio_sep(int k) const { return fused[k] / sep[k]; }
   double ratio_dnnl(int k) const { return fused[k] / onednn[k]; }
   double ratio_local_dnnl() const { return local_fb / onednn[2]; }
+  double ratio_mask_y() const { return fused[2] / from_y_fb; }
   double gbs(const double (&t)[3], const double (&b)[3], int k) const { return b[k] / t[k] / 1e9; }
 };
 
@@ -466,6 +469,7 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   Stats st_f(C), st_s(C), st_l(C), st_d(C);  // st_d: oneDNN's diff_scale / diff_shift
 
   // The fused plan's calls (fused: on the world; local: on self).
+  // mask NULL: the backward reads y (from_y).
   auto fused_fwd = [&](syncbn::BatchNorm& bn, Stats& st, float* y, uint8_t* mask) {
     syncbn_forward_args_t a{};
     a.ndim = 4;
@@ -484,12 +488,13 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     bn.forward_training(a);
   };
   auto fused_bwd = [&](syncbn::BatchNorm& bn, Stats& st, const uint8_t* mask, float* dx,
-                       float* dz) {
+                       float* dz, const float* y = nullptr) {
     syncbn_backward_args_t b{};
     b.ndim = 4;
     b.shape = shape.data();
     b.x = t.x.data();
     b.mask = mask;
+    b.y = y;
     b.dy = t.dy.data();
     b.weight = weight.data();
     b.save_mean = st.mean.data();
@@ -530,6 +535,10 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   op_s[2] = op([&] {
     sep_fwd();
     sep_bwd();
+  });
+  const int op_y = op([&] {
+    fused_fwd(fused, st_f, t.y_f.data(), nullptr);
+    fused_bwd(fused, st_f, nullptr, t.dx_f.data(), t.dz_f.data(), t.y_f.data());
   });
   const int op_l = op([&] {
     fused_fwd(local, st_l, t.y_l.data(), t.mask_l.data());
@@ -576,6 +585,7 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     r.onednn[k] = seconds(op_d[k]);
   }
   r.local_fb = seconds(op_l);
+  r.from_y_fb = seconds(op_y);
   r.onednn_impl = r_impl;
   const double M = static_cast<double>(count);  // the relu mask: a byte per element
   const double bf[2] = {(add ? 4 * T : 3 * T) + M, (add ? 6 * T : 5 * T) + 2 * M};
@@ -714,6 +724,7 @@ const bench::Table& table() {
       C{"bwd", "", 5, 2, "fused / oneDNN"},
       C{"f+b", "", 5, 2, "fused / oneDNN"},
       C{"local", "/dnnl", 5, 2, "", 2},
+      C{"mask", "/y", 5, 2, "", 1},
       C{"fused", "", 5, 1, "f+b GB/s", 2},
       C{"sep", "", 5, 1, "f+b GB/s"},
       C{"dnnl", "", 5, 1, "f+b GB/s"},
@@ -740,6 +751,7 @@ bench::Record table_row(const Row& r) {
           num(r.ratio_dnnl(1)),
           num(r.ratio_dnnl(2)),
           num(r.ratio_local_dnnl()),
+          num(r.ratio_mask_y()),
           num(r.gbs(r.fused, r.bytes_fused, 2)),
           num(r.gbs(r.sep, r.bytes_sep, 2)),
           num(r.gbs(r.onednn, r.bytes_onednn, 2)),
@@ -773,6 +785,8 @@ const bench::Fields<Row>& fields() {
       {"onednn_bwd_us", [](const Row& r) { return num(r.us(r.onednn, 1)); }},
       {"onednn_fb_us", [](const Row& r) { return num(r.us(r.onednn, 2)); }},
       {"local_fb_us", [](const Row& r) { return num(r.local_fb * 1e6); }},
+      {"from_y_fb_us", [](const Row& r) { return num(r.from_y_fb * 1e6); }},
+      {"mask_over_y_fb", [](const Row& r) { return num(r.ratio_mask_y()); }},
       {"fused_sep_fwd", [](const Row& r) { return num(r.ratio_sep(0)); }},
       {"fused_sep_bwd", [](const Row& r) { return num(r.ratio_sep(1)); }},
       {"fused_sep_fb", [](const Row& r) { return num(r.ratio_sep(2)); }},
@@ -845,6 +859,9 @@ void print_summary(const std::vector<Row>& rows, const Checks& chk, const Option
       "local/dnnl: the fused plan on syncbn_comm_create_self (no exchange, like oneDNN), f+b "
       "over oneDNN's f+b.");
   lines.push_back(
+      "mask/y: fused f+b (backward from the forward's mask) over the same plan's f+b without the "
+      "mask (backward from y), in the same run.");
+  lines.push_back(
       "GB/s: bytes each mode moves (T = tensor bytes, M = T/4 the relu mask) over its f+b time: "
       "fused relu 3T+M + 5T+2M, add_relu 4T+M + 6T+2M; separate relu 5T + 8T, add_relu 8T + 8T; "
       "oneDNN relu 3T + 5T, add_relu 6T + 8T.");
@@ -856,11 +873,14 @@ void print_summary(const std::vector<Row>& rows, const Checks& chk, const Option
                   "differ from the separate path's, summed over ranks.");
   lines.push_back("");
   for (const std::string act : {"relu", "add_relu"}) {
-    int n = 0, sep_ok = 0, dnnl_n = 0, dnnl_ok = 0;
-    double worst = kNaN, best = kNaN;
+    int n = 0, sep_ok = 0, dnnl_n = 0, dnnl_ok = 0, mask_faster = 0;
+    double worst = kNaN, best = kNaN, mask_lo = kNaN, mask_hi = kNaN;
     for (const Row& r : rows) {
       if (r.act != act) continue;
       ++n;
+      mask_faster += r.ratio_mask_y() < 1;
+      mask_hi = nan_max(mask_hi, r.ratio_mask_y());
+      mask_lo = std::isnan(mask_lo) ? r.ratio_mask_y() : std::min(mask_lo, r.ratio_mask_y());
       sep_ok += r.ratio_sep(2) <= kSeparateGoal;
       worst = nan_max(worst, r.ratio_sep(2));
       best = std::isnan(best) ? r.ratio_sep(2) : std::min(best, r.ratio_sep(2));
@@ -876,6 +896,9 @@ void print_summary(const std::vector<Row>& rows, const Checks& chk, const Option
                     fmt("%.2f", kOneDnnGoal) + ": " +
                     (dnnl_n ? std::to_string(dnnl_ok) + " of " + std::to_string(dnnl_n) + " rows"
                             : std::string("n/a")));
+    lines.push_back("  " + act + ", f+b from the mask / from y: " + fmt("%.2f", mask_lo) + " to " +
+                    fmt("%.2f", mask_hi) + ", faster on " + std::to_string(mask_faster) + " of " +
+                    std::to_string(n) + " rows");
   }
   if (!o.check) {
     lines.push_back("Checks: off (--no-check)");
