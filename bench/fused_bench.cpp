@@ -440,8 +440,10 @@ struct Tensors {  // every tensor of one shape, for both activations
   explicit Tensors(int64_t count)
       : x(count), z(count), dy(count), y_f(count), y_s(count), y_d(count), y_l(count),
         dx_f(count), dx_s(count), dx_d(count), dx_l(count), dz_f(count), g_s(count), g_d(count),
-        dz_l(count), mask_f(static_cast<size_t>(count)), mask_l(static_cast<size_t>(count)) {}
+        dz_l(count), y_y(count), dx_y(count), dz_y(count), mask_f(static_cast<size_t>(count)),
+        mask_l(static_cast<size_t>(count)) {}
   Buffer x, z, dy, y_f, y_s, y_d, y_l, dx_f, dx_s, dx_d, dx_l, dz_f, g_s, g_d, dz_l;
+  Buffer y_y, dx_y, dz_y;                // the from-y plan's
   std::vector<uint8_t> mask_f, mask_l;  // the fused and local plans' relu masks
 };
 
@@ -464,9 +466,12 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
   syncbn_config_t cfg_act = cfg;
   cfg_act.activation = add ? SYNCBN_ACTIVATION_ADD_RELU : SYNCBN_ACTIVATION_RELU;
   // COLLECTIVE plans (the same on every rank).
-  syncbn::BatchNorm fused(world, cfg_act), separate(world, cfg);
+  // from_y: a plan of its own, so that the fused and separate plans see the same calls (a
+  // plan's sums are taken around its previous mean: channels-last fp32 sums, rounded in the
+  // data type, differ in their last bits with that history).
+  syncbn::BatchNorm fused(world, cfg_act), separate(world, cfg), from_y(world, cfg_act);
   syncbn::BatchNorm local(syncbn::Communicator::self(), cfg_act);
-  Stats st_f(C), st_s(C), st_l(C), st_d(C);  // st_d: oneDNN's diff_scale / diff_shift
+  Stats st_f(C), st_s(C), st_l(C), st_d(C), st_y(C);  // st_d: oneDNN's diff_scale / diff_shift
 
   // The fused plan's calls (fused: on the world; local: on self).
   // mask NULL: the backward reads y (from_y).
@@ -537,8 +542,8 @@ Row run_one(const Shape4& s, bool nhwc, bool add, const Options& o, const syncbn
     sep_bwd();
   });
   const int op_y = op([&] {
-    fused_fwd(fused, st_f, t.y_f.data(), nullptr);
-    fused_bwd(fused, st_f, nullptr, t.dx_f.data(), t.dz_f.data(), t.y_f.data());
+    fused_fwd(from_y, st_y, t.y_y.data(), nullptr);
+    fused_bwd(from_y, st_y, nullptr, t.dx_y.data(), t.dz_y.data(), t.y_y.data());
   });
   const int op_l = op([&] {
     fused_fwd(local, st_l, t.y_l.data(), t.mask_l.data());
@@ -1032,7 +1037,7 @@ int run(int argc, char** argv, int rank, int size) {
       fill(t.z.data(), count, 1000003ULL * rank + 3, 0.0, 1.0);
       for (float* p : {t.y_f.data(), t.y_s.data(), t.y_d.data(), t.y_l.data(), t.dx_f.data(),
                        t.dx_s.data(), t.dx_d.data(), t.dx_l.data(), t.dz_f.data(), t.g_s.data(),
-                       t.g_d.data(), t.dz_l.data()}) {
+                       t.g_d.data(), t.dz_l.data(), t.y_y.data(), t.dx_y.data(), t.dz_y.data()}) {
         fill(p, count, 5, 0.0, 0.0);
       }
       std::vector<float> weight(s.c), bias(s.c);  // the same on every rank
