@@ -499,7 +499,8 @@ SYNCBN_API syncbn_status_t syncbn_backward(syncbn_plan_t plan, int ndim, const i
                  a torch.bool / torch.uint8 tensor shaped like x), 1 where y > 0 and 0 elsewhere
                  (NaN: 0), written in the normalize pass beside y. A backward reading it instead
                  of y reads a quarter of the bytes (fp32; an eighth for fp64) in each of its two
-                 passes (oneDNN's fuse_norm_relu workspace). Without an activation must be NULL. */
+                 passes (oneDNN's fuse_norm_relu workspace). Not x, y or z; without an
+                 activation must be NULL. */
 typedef struct syncbn_forward_args {
   int ndim;
   const int64_t* shape;
@@ -524,7 +525,7 @@ typedef struct syncbn_forward_args {
      mask  [in]  with an activation, in place of y (since 0.5): the forward's mask
                  (syncbn_forward_args_t.mask), whose nonzero bytes keep dy; the same results as with y,
                  bitwise. Exactly one of y and mask (both: "y must be NULL when mask is given").
-                 Without an activation must be NULL
+                 Not dx or dz; without an activation must be NULL
      dz    [out] SYNCBN_ACTIVATION_ADD_RELU: the residual's gradient dy * (y > 0), optional (NULL:
                  not computed; may equal dy, not dx); otherwise must be NULL. */
 typedef struct syncbn_backward_args {

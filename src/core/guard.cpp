@@ -111,6 +111,8 @@ std::string describe(Arg arg, Problem problem) {
     case Problem::unexpected: return name + " must be NULL: the plan's activation takes none";
     case Problem::aliases: return name + " must not be the same memory as dx";
     case Problem::with_mask: return name + " must be NULL when mask is given (it replaces " + name + ")";
+    case Problem::mask_aliases:
+      return name + " must not be the same memory as the call's tensors (x, y, z, dx, dz)";
   }
   return name + ": invalid";
 }

@@ -217,6 +217,9 @@ void Plan::check_forward(const ForwardArgs& a, bool track, Call& call) const {
   require(err, add || a.z == nullptr, Arg::z, Problem::unexpected);
   require(err, config_.activation != SYNCBN_ACTIVATION_NONE || a.mask == nullptr, Arg::mask,
           Problem::unexpected);
+  require(err, call.count == 0 || a.mask == nullptr ||
+                   (a.mask != a.x && a.mask != a.y && a.mask != a.z),
+          Arg::mask, Problem::mask_aliases);
   call.stream = a.stream;
   backend_->check_call(call);
   require(err, !track || a.running_mean != nullptr, Arg::running_mean);
@@ -241,6 +244,8 @@ void Plan::check_backward(const BackwardArgs& a, Call& call) const {
   require(err, act || a.y == nullptr, Arg::y, Problem::unexpected);
   require(err, act || a.mask == nullptr, Arg::mask, Problem::unexpected);
   require(err, a.y == nullptr || a.mask == nullptr, Arg::y, Problem::with_mask);
+  require(err, call.count == 0 || a.mask == nullptr || (a.mask != a.dx && a.mask != a.dz),
+          Arg::mask, Problem::mask_aliases);
   require(err, config_.activation == SYNCBN_ACTIVATION_ADD_RELU || a.dz == nullptr, Arg::dz,
           Problem::unexpected);
   require(err, call.count == 0 || a.dz == nullptr || a.dz != a.dx, Arg::dz, Problem::aliases);

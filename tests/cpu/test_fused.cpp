@@ -339,6 +339,12 @@ const ArgCase kArgCases[] = {
      [](FA&, BA& b) { b.mask = b.x; }, "rank 0: y must be NULL when mask is given"},
     {"backward_neither_y_nor_mask", SYNCBN_ACTIVATION_ADD_RELU, true,
      [](FA&, BA& b) { b.y = nullptr; }, "rank 0: y is null"},
+    {"mask_is_y", SYNCBN_ACTIVATION_RELU, false,
+     [](FA& f, BA&) { f.mask = f.y; }, "rank 0: mask must not be the same memory as the call's"},
+    {"mask_is_z", SYNCBN_ACTIVATION_ADD_RELU, false,
+     [](FA& f, BA&) { f.mask = const_cast<void*>(f.z); }, "rank 0: mask must not be the same"},
+    {"backward_mask_is_dx", SYNCBN_ACTIVATION_RELU, true,
+     [](FA&, BA& b) { b.y = nullptr; b.mask = b.dx; }, "rank 0: mask must not be the same"},
 };
 
 INSTANTIATE_TEST_SUITE_P(All, FusedArgs, ::testing::ValuesIn(kArgCases),
