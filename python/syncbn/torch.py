@@ -406,8 +406,8 @@ class SyncBatchNormReLU(SyncBatchNorm):
     its mask into the backward passes (SYNCBN_ACTIVATION_RELU): the statistics, running
     statistics, parameters, buffers, state_dict keys, arguments and errors of SyncBatchNorm.
     Backward gates the output gradient with the mask y > 0 that the forward saved (a
-    torch.bool per element; relu'(0) = 0, as torch's relu). Evaluation applies the ReLU too. convert_sync_batchnorm makes one from timm's
-    BatchNormAct2d with a ReLU.
+    torch.bool per element; relu'(0) = 0, as torch's relu). Evaluation applies the ReLU too.
+    convert_sync_batchnorm makes one from timm's BatchNormAct2d with a ReLU.
 
     Input: as SyncBatchNorm. Output: relu(bn(x)), x's shape, dtype and memory format.
     """
