@@ -559,7 +559,7 @@ SYNCBN_API syncbn_status_t syncbn_forward_training_ex(syncbn_plan_t plan,
 SYNCBN_API syncbn_status_t syncbn_forward_inference_ex(syncbn_plan_t plan,
                                                        const syncbn_forward_args_t* args);
 
-/* syncbn_backward of a fused forward: with g = dy * (y > 0), or dy where mask is 1 (the
+/* syncbn_backward of a fused forward: with g = dy * (y > 0), or dy where mask is not 0 (the
    activation's backward, in the same passes), the batch-norm backward of g: dx, dweight and dbias as syncbn_backward gives
    them for dy = g, and dz = g. Without an activation it is syncbn_backward. COLLECTIVE, with
    the same errors and guarantees (dz too is left as it was on error). */

@@ -112,7 +112,7 @@ std::string describe(Arg arg, Problem problem) {
     case Problem::aliases: return name + " must not be the same memory as dx";
     case Problem::with_mask: return name + " must be NULL when mask is given (it replaces " + name + ")";
     case Problem::mask_aliases:
-      return name + " must not be the same memory as the call's tensors (x, y, z, dx, dz)";
+      return name + " must not be the same memory as x, y or z (forward), dx or dz (backward)";
   }
   return name + ": invalid";
 }

@@ -73,7 +73,7 @@ enum class Problem : std::uint16_t {
   unexpected,      // must be NULL: the plan's activation takes no such argument
   aliases,         // is the same memory as an output it must not be (dz and dx)
   with_mask,       // must be NULL when mask is given (backward's y: the mask replaces it)
-  mask_aliases,    // the mask is the same memory as a tensor of the call (x, y, z, dx, dz)
+  mask_aliases,    // the mask is the same memory as x, y, z (forward), dx or dz (backward)
 };
 
 // An error's wire code: argument and problem in 12 bits (so that code^2 stays exact in sums).

@@ -79,7 +79,8 @@ void reduce_moments(const DeviceState& st, const Geometry& g, const void* x, con
                     const GuardWrite& gw, void* stream);
 
 // Local sum g and sum g (x - save_mean) into the buffer, and into st.local when keep_local; g = dy,
-// or dy * (y > 0) where y (the fused forward's output) is not NULL.
+// or dy where the fused forward's mask bytes are not 0 (mask not NULL), else dy * (y > 0) where y
+// (its output) is not NULL.
 void reduce_grad(const DeviceState& st, const Geometry& g, const void* x, const void* dy,
                  const void* y, const void* mask, const void* save_mean, bool keep_local,
                  const GuardWrite& gw, void* stream);

@@ -340,7 +340,7 @@ const ArgCase kArgCases[] = {
     {"backward_neither_y_nor_mask", SYNCBN_ACTIVATION_ADD_RELU, true,
      [](FA&, BA& b) { b.y = nullptr; }, "rank 0: y is null"},
     {"mask_is_y", SYNCBN_ACTIVATION_RELU, false,
-     [](FA& f, BA&) { f.mask = f.y; }, "rank 0: mask must not be the same memory as the call's"},
+     [](FA& f, BA&) { f.mask = f.y; }, "rank 0: mask must not be the same memory as x, y or z"},
     {"mask_is_z", SYNCBN_ACTIVATION_ADD_RELU, false,
      [](FA& f, BA&) { f.mask = const_cast<void*>(f.z); }, "rank 0: mask must not be the same"},
     {"backward_mask_is_dx", SYNCBN_ACTIVATION_RELU, true,
