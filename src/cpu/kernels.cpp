@@ -691,7 +691,9 @@ void backward_elemt(const Geometry& g, const T* x, const T* dy, const T* y, cons
         }
       });
     };
-    if (G != Gate::none && dz != nullptr) {
+    if constexpr (G == Gate::none) {
+      pass(std::false_type{});  // dz needs an activation
+    } else if (dz != nullptr) {
       pass(std::true_type{});
     } else {
       pass(std::false_type{});
