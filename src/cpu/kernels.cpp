@@ -481,6 +481,16 @@ void stream_out(T* dst, const T* src, std::int64_t n) {
 // Bytes of each of a thread's staging buffers (one per output): an elementwise pass that streams
 // computes this much of its output into the L1-resident buffer, then streams it out.
 constexpr std::int64_t kStageBytes = 4096;
+// Channels-last passes stage less of y0 at a time: kStageBytesLast, twice that with a mask as
+// second output (whose stage is then a quarter of y0's in fp32). Their per-channel parameters
+// are vectors loaded beside x, and with 4 KiB stages these passes ran at half the channels-first
+// speed on AMD EPYC (Zen 5), varying 1.7x with where the parameter arrays lay: 4K aliasing of
+// those loads against the stage's recent stores is the likely cause. Measured there with
+// kernel_bench (bench/results/2026-12-06-kernel_bench-nhwc-stage-{before,after}.txt), fp32,
+// one thread, the four shapes above the LLC (C = 64 to 512): backward 0.68-0.81x the time
+// with 4 KiB stages, forward 0.63-0.95x. An in-process A/B of the passes alone put 512 B at
+// 0.82-0.94x of 1 KiB without a mask and 1.05-1.21x with one.
+constexpr std::int64_t kStageBytesLast = 512;
 
 // One elementwise traversal for every output pass: op(i, c) returns the output of element i of
 // channel c, a T for y0, or a Pair<T, T1> (u for y0, v for y1). Outputs of at least
@@ -522,6 +532,9 @@ void map_elements(const Geometry& g, T* y0, T1* y1, const Op& op) {
       }
       constexpr std::int64_t S = kStageBytes / static_cast<std::int64_t>(sizeof(T));
       alignas(64) T b0[S];
+      constexpr std::int64_t SL =
+          kStageBytesLast * (std::is_same_v<T1, MaskByte> && kTwo ? 2 : 1) /
+          static_cast<std::int64_t>(sizeof(T));
       alignas(64) T1 b1[kTwo ? S : 1];
       // Streams the staged elements [i0, i0 + n) out: part of one channel's row (channels-first),
       // or whole rows or part of one (channels-last).
@@ -545,8 +558,8 @@ void map_elements(const Geometry& g, T* y0, T1* y1, const Op& op) {
           for (std::int64_t j = 0; j < n; ++j) stage(j, i0 + j, c);
           flush(i0, n);
         }
-      } else if (C <= S) {
-        const std::int64_t rows = S / C;  // whole rows per stage
+      } else if (C <= SL) {
+        const std::int64_t rows = SL / C;  // whole rows per stage
         for (std::int64_t i0 = begin; i0 < end; i0 += rows * C) {
           const std::int64_t n = std::min(rows * C, end - i0);
           for (std::int64_t j0 = 0; j0 < n; j0 += C) {
@@ -557,8 +570,8 @@ void map_elements(const Geometry& g, T* y0, T1* y1, const Op& op) {
         }
       } else {
         for (std::int64_t r = begin; r < end; r += C) {
-          for (std::int64_t k0 = 0; k0 < C; k0 += S) {
-            const std::int64_t n = std::min(S, C - k0);
+          for (std::int64_t k0 = 0; k0 < C; k0 += SL) {
+            const std::int64_t n = std::min(SL, C - k0);
 #pragma omp simd
             for (std::int64_t j = 0; j < n; ++j) stage(j, r + k0 + j, k0 + j);
             flush(r + k0, n);

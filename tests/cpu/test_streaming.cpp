@@ -152,13 +152,16 @@ class Streaming : public ::testing::TestWithParam<StreamParam> {
     const auto [dtype, layout, act, offset] = GetParam();
     (void)dtype;
     Rng rng(test_seed());
-    // A stage is 4 KiB: 1024 fp32 or 512 fp64 elements. Channels-first: rows of 1200 (two
-    // stages, the second partial) and of 45; channels-last: rows of 3 channels (many rows per
-    // stage, the last stage partial) and of 1100 (a row cut into a full and a partial stage).
-    // The first and last have more than 32768 elements: split among the OpenMP threads.
+    // A channels-first stage is 4 KiB: 1024 fp32 or 512 fp64 elements; a channels-last one
+    // 512 B (128 fp32, 64 fp64), 1 KiB with a mask. Channels-first: rows of 1200 (two stages,
+    // the second partial) and of 45; channels-last: rows of 3 channels (many rows per stage, the
+    // last stage partial), of 200 (one row per stage with a mask in fp32, else a full and a
+    // partial stage) and of 1100 (a row cut into several stages, the last partial). The first
+    // and last have more than 32768 elements: split among the OpenMP threads.
     const std::vector<Geometry> shapes = {
         make_geometry(layout, 6, 5, {40, 30}),
         make_geometry(layout, 7, 3, {9, 5}),
+        make_geometry(layout, 9, 200, {7}),
         make_geometry(layout, 7, 1100, {5}),
     };
     for (const Geometry& g : shapes) {
