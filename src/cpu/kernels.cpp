@@ -265,11 +265,20 @@ void reduce_rows_blocked(const Op& op, std::int64_t C, std::int64_t r_begin, std
   }
 }
 
-// Channels-last rows of exactly two blocks (2 kBlockBytes) also keep their group sums in
-// registers where there are 32 vector registers (AVX-512): reduce_rows_blocked with two
-// accumulator sets, one per half of the row (C = 128 fp32 or 64 fp64). One array of 2W
-// accumulators is not kept in registers by GCC 12 (measured 1.5-2.1x slower than reduce_rows);
-// two arrays of W are: 0.79-0.85x the forward time of reduce_rows<1> for C = 128 fp32.
+// Channels-last rows of a whole number of block pairs (2 kBlockBytes each, up to kMultiRowBytes)
+// also keep their group sums in registers where there are 32 vector registers (AVX-512): each
+// group of kGroupRows rows is swept one pair of blocks at a time, with two accumulator sets, one
+// per block (the second and later pairs re-read the group's rows from L1). The same additions
+// in the same order as reduce_rows<1> (bitwise the same sums). One array of 2W accumulators is
+// not kept in registers by GCC 12 (measured 1.5-2.1x slower than reduce_rows); two arrays of W
+// are: 0.79-0.85x the forward time of reduce_rows<1> for C = 128 fp32 (AMD EPYC, Zen 3). For
+// longer rows reduce_rows<1> stores and reloads 2C group sums per row, and on AMD EPYC (Zen 5)
+// its loads of x then ran at half the channels-first rate (4K aliasing against those stores is
+// the likely cause): the pair sweep took 0.54-0.62x (C = 256 fp32) and 0.68-0.69x (C = 512) of
+// its time forward and backward (one thread, in-process A/B of the reductions alone), and
+// 1.08-1.13x at 4 KiB rows, which keep reduce_rows<4>. Whole passes with kernel_bench
+// (bench/results/2026-12-06-kernel_bench-nhwc-pairs-{before,after}.txt, two alternated rounds):
+// forward 0.68-0.92x, backward 0.68-0.86x for 256x56x56, 512x28x28, 512x14x14 and 512x7x7.
 #if defined(__AVX512F__)
 constexpr bool kTwoBlocks = true;
 #else
@@ -282,25 +291,27 @@ void reduce_rows_two_blocks(const Op& op, std::int64_t C, std::int64_t r_begin,
   constexpr int W = static_cast<int>(kBlockBytes / static_cast<std::int64_t>(sizeof(A)));
   for (std::int64_t r0 = r_begin; r0 < r_end; r0 += kGroupRows) {
     const std::int64_t r1 = std::min(r0 + kGroupRows, r_end);
-    A au[W] = {}, av[W] = {}, bu[W] = {}, bv[W] = {};
-    for (std::int64_t r = r0; r < r1; ++r) {
-      const std::int64_t base = r * C;
-      for (int k = 0; k < W; ++k) {
-        const Pair<A> p = op(A{}, base + k, k);
-        au[k] += p.u;
-        av[k] += p.v;
+    for (std::int64_t k0 = 0; k0 < C; k0 += 2 * W) {
+      A au[W] = {}, av[W] = {}, bu[W] = {}, bv[W] = {};
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t base = r * C + k0;
+        for (int k = 0; k < W; ++k) {
+          const Pair<A> p = op(A{}, base + k, k0 + k);
+          au[k] += p.u;
+          av[k] += p.v;
+        }
+        for (int k = 0; k < W; ++k) {
+          const Pair<A> p = op(A{}, base + W + k, k0 + W + k);
+          bu[k] += p.u;
+          bv[k] += p.v;
+        }
       }
       for (int k = 0; k < W; ++k) {
-        const Pair<A> p = op(A{}, base + W + k, W + k);
-        bu[k] += p.u;
-        bv[k] += p.v;
+        pu[k0 + k] += static_cast<double>(au[k]);
+        pv[k0 + k] += static_cast<double>(av[k]);
+        pu[k0 + W + k] += static_cast<double>(bu[k]);
+        pv[k0 + W + k] += static_cast<double>(bv[k]);
       }
-    }
-    for (int k = 0; k < W; ++k) {
-      pu[k] += static_cast<double>(au[k]);
-      pv[k] += static_cast<double>(av[k]);
-      pu[W + k] += static_cast<double>(bu[k]);
-      pv[W + k] += static_cast<double>(bv[k]);
     }
   }
 }
@@ -376,7 +387,8 @@ void reduce_pairs(const Geometry& g, const Op& op, std::initializer_list<const v
           const std::int64_t row_bytes = C * static_cast<std::int64_t>(sizeof(A));
           if (row_bytes <= kBlockBytes) {
             reduce_rows_blocked<A>(op, C, begin / C, end / C, pu, pv);
-          } else if (kTwoBlocks && row_bytes == 2 * kBlockBytes) {
+          } else if (kTwoBlocks && row_bytes % (2 * kBlockBytes) == 0 &&
+                     row_bytes < kMultiRowBytes) {
             reduce_rows_two_blocks<A>(op, C, begin / C, end / C, pu, pv);
           } else if (row_bytes >= kMultiRowBytes) {
             reduce_rows<4>(op, C, begin / C, end / C, gs.gu, gs.gv, pu, pv);

@@ -165,9 +165,10 @@ class ChannelsLastRowWidths : public ::testing::TestWithParam<RowWidth> {};
 
 // Channels-last rows around the widths at which the reduction changes path (src/cpu/kernels.cpp:
 // rows of at most kBlockBytes = 64, 128 or 256 bytes by instruction set with their sums in
-// registers, the last channels in a block of runtime width; rows of exactly two blocks on
-// AVX-512; wider rows through group sums in memory): C from 8 to 129 in both dtypes, 16-row
-// groups whole and partial, and (> 32768 elements) rows split between threads.
+// registers, the last channels in a block of runtime width; rows of a whole number of block
+// pairs under 4 KiB on AVX-512, one pair at a time; other rows through group sums in memory,
+// one row at a time under 4 KiB, 4 rows at a time from there): C from 8 to 512 in both dtypes,
+// 16-row groups whole and partial, and (> 32768 elements) rows split between threads.
 TEST_P(ChannelsLastRowWidths, MatchReference) {
   const auto [dtype, layout, C] = GetParam();
   train_and_eval_each(dtype, layout, C, {{37, {}}, {3, {7, 5}}, {300, {2}}});
@@ -176,7 +177,8 @@ INSTANTIATE_TEST_SUITE_P(All, ChannelsLastRowWidths,
                          ::testing::Combine(::testing::Values(SYNCBN_FLOAT32, SYNCBN_FLOAT64),
                                             ::testing::Values(SYNCBN_CHANNELS_LAST),
                                             ::testing::Values(8, 16, 31, 32, 33, 48, 63, 64, 65,
-                                                              96, 127, 128, 129)),
+                                                              96, 127, 128, 129, 192, 256,
+                                                              384, 512)),
                          [](const ::testing::TestParamInfo<RowWidth>& info) {
                            return std::string(dtype_name(std::get<0>(info.param))) + "_" +
                                   layout_name(std::get<1>(info.param)) + "_C" +
