@@ -265,17 +265,19 @@ void reduce_rows_blocked(const Op& op, std::int64_t C, std::int64_t r_begin, std
   }
 }
 
-// Channels-last rows of a whole number of block pairs (2 kBlockBytes each, up to kMultiRowBytes)
-// also keep their group sums in registers where there are 32 vector registers (AVX-512): each
-// group of kGroupRows rows is swept one pair of blocks at a time, with two accumulator sets, one
-// per block (the second and later pairs re-read the group's rows from L1). The same additions
-// in the same order as reduce_rows<1> (bitwise the same sums). One array of 2W accumulators is
-// not kept in registers by GCC 12 (measured 1.5-2.1x slower than reduce_rows); two arrays of W
-// are: 0.79-0.85x the forward time of reduce_rows<1> for C = 128 fp32 (AMD EPYC, Zen 3). For
-// longer rows reduce_rows<1> stores and reloads 2C group sums per row, and on AMD EPYC (Zen 5)
-// its loads of x then ran at half the channels-first rate (4K aliasing against those stores is
-// the likely cause): the pair sweep took 0.54-0.62x (C = 256 fp32) and 0.68-0.69x (C = 512) of
-// its time forward and backward (one thread, in-process A/B of the reductions alone), and
+// Channels-last rows of a whole number of block pairs (2 kBlockBytes each) shorter than
+// kMultiRowBytes also keep their group sums in registers where there are 32 vector registers
+// (AVX-512; other instruction sets take reduce_rows<1>): each group of kGroupRows rows is swept
+// one pair of blocks at a time, with two accumulator sets, one per block (the second and later
+// pairs re-read the group's rows from L1 or L2). The same additions in the same order as
+// reduce_rows<1> (the same sums, where the compiler contracts both alike). One array of 2W
+// accumulators is not kept in registers by GCC 12 (measured 1.5-2.1x slower than reduce_rows);
+// two arrays of W are: 0.79-0.85x the forward time of reduce_rows<1> for C = 128 fp32 (the AMD
+// EPYC VM of 2026-12-03). For longer rows reduce_rows<1> stores and reloads 2C group sums per
+// row, and on AMD EPYC (Zen 5) its loads of x then ran at half the channels-first rate (4K
+// aliasing against those stores is the likely cause): the pair sweep took 0.54-0.62x (C = 256
+// fp32) and 0.68-0.69x (C = 512) of its time forward and backward (one thread, in-process A/B
+// of the reductions alone; C = 640-896, measured with the machine loaded, 0.25-0.88x), and
 // 1.08-1.13x at 4 KiB rows, which keep reduce_rows<4>. Whole passes with kernel_bench
 // (bench/results/2026-12-06-kernel_bench-nhwc-pairs-{before,after}.txt, two alternated rounds):
 // forward 0.68-0.92x, backward 0.68-0.86x for 256x56x56, 512x28x28, 512x14x14 and 512x7x7.
@@ -499,8 +501,8 @@ constexpr std::int64_t kStageBytes = 4096;
 // speed on AMD EPYC (Zen 5), varying 1.7x with where the parameter arrays lay: 4K aliasing of
 // those loads against the stage's recent stores is the likely cause. Measured there with
 // kernel_bench (bench/results/2026-12-06-kernel_bench-nhwc-stage-{before,after}.txt), fp32,
-// one thread, the four shapes above the LLC (C = 64 to 512): backward 0.68-0.81x the time
-// with 4 KiB stages, forward 0.63-0.95x. An in-process A/B of the passes alone put 512 B at
+// one thread, the four shapes above the LLC (C = 64 to 512): backward 0.68-0.81x and forward
+// 0.63-0.95x of the time they took with 4 KiB stages. An in-process A/B of the passes alone put 512 B at
 // 0.82-0.94x of 1 KiB without a mask and 1.05-1.21x with one.
 constexpr std::int64_t kStageBytesLast = 512;
 

@@ -154,9 +154,10 @@ class Streaming : public ::testing::TestWithParam<StreamParam> {
     Rng rng(test_seed());
     // A channels-first stage is 4 KiB: 1024 fp32 or 512 fp64 elements; a channels-last one
     // 512 B (128 fp32, 64 fp64), 1 KiB with a mask. Channels-first: rows of 1200 (two stages,
-    // the second partial) and of 45; channels-last: rows of 3 channels (many rows per stage, the
-    // last stage partial), of 200 (one row per stage with a mask in fp32, else a full and a
-    // partial stage) and of 1100 (a row cut into several stages, the last partial). The first
+    // the second partial) and of 45; channels-last: rows of 3 channels (many rows per stage;
+    // the last stage partial except in fp64 without a mask, 315 rows of 63 elements in 15
+    // stages), of 200 (one row per stage with a mask in fp32, else cut into 2 to 4 stages, the
+    // last partial) and of 1100 (a row cut into several stages, the last partial). The first
     // and last have more than 32768 elements: split among the OpenMP threads.
     const std::vector<Geometry> shapes = {
         make_geometry(layout, 6, 5, {40, 30}),
