@@ -502,8 +502,8 @@ constexpr std::int64_t kStageBytes = 4096;
 // those loads against the stage's recent stores is the likely cause. Measured there with
 // kernel_bench (bench/results/2026-12-06-kernel_bench-nhwc-stage-{before,after}.txt), fp32,
 // one thread, the four shapes above the LLC (C = 64 to 512): backward 0.68-0.81x and forward
-// 0.63-0.95x of the time they took with 4 KiB stages. An in-process A/B of the passes alone put 512 B at
-// 0.82-0.94x of 1 KiB without a mask and 1.05-1.21x with one.
+// 0.63-0.95x of the time they took with 4 KiB stages. An in-process A/B of the passes alone
+// put 512 B at 0.82-0.94x of 1 KiB without a mask and 1.05-1.21x with one.
 constexpr std::int64_t kStageBytesLast = 512;
 
 // One elementwise traversal for every output pass: op(i, c) returns the output of element i of
